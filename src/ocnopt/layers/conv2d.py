@@ -1,0 +1,68 @@
+"""``nn.Conv2d`` (groups=1, zero padding): im2col factors, re-weighted weight gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ocnopt.layers.base import LayerHelper
+
+__all__ = ["Conv2dHelper"]
+
+
+def _explicit_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        # "same": symmetric only when the dilated kernel extent is odd
+        out = []
+        for k, d in zip(module.kernel_size, module.dilation, strict=True):
+            extent = d * (k - 1)
+            if extent % 2:
+                return None
+            out.append(extent // 2)
+        return (out[0], out[1])
+    return (int(pad[0]), int(pad[1]))
+
+
+class Conv2dHelper(LayerHelper):
+    """Kronecker factors over (sample, location) rows, KFC-style (Grosse & Martens, 2016)."""
+
+    @staticmethod
+    def unsupported_reason(module: nn.Conv2d) -> str:
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} (only groups=1 is Kronecker-factored)"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
+        if _explicit_padding(module) is None:
+            return "Conv2d with asymmetric padding='same'"
+        return ""
+
+    def __init__(self, module: nn.Conv2d) -> None:
+        super().__init__(module)
+        self._padding = _explicit_padding(module)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self._padding,
+                        stride=m.stride)
+        a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B*L, C*kh*kw)
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+
+    def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        gw = self._reweight(g, w)
+        # The kernel autograd itself uses (input gradient masked off).
+        _, dw, db = torch.ops.aten.convolution_backward(
+            gw, x, m.weight, [m.out_channels] if self.has_bias else None,
+            list(m.stride), list(self._padding), list(m.dilation),
+            False, [0, 0], 1, [False, True, self.has_bias],
+        )
+        return dw, (db if self.has_bias else None)
