@@ -1,0 +1,57 @@
+"""Exact float64 reference implementation of DDP on tiny sequential networks.
+
+Brute force (explicit Jacobians / Hessians), slow, readable.  It is the test oracle of the
+fast optimizers and the "vanilla DDP" baseline of the tiny-net benchmark.
+
+Sign convention (algorithm.md §1): du* = -(k + K dx) with k = Q_uu^{-1} Q_u, K = Q_uu^{-1} Q_ux.
+"""
+
+from .ddp import (
+    Policy,
+    QTerms,
+    VanillaDDP,
+    closed_loop_gn_step,
+    ddp_backward,
+    ddp_forward_update,
+    ddp_step,
+    first_order_dp,
+    per_sample_value_gradients,
+    q_terms,
+    regularized_curvature,
+    stage_jacobians,
+    tensor_terms,
+)
+from .model import (
+    LossSpec,
+    Stage,
+    batch_objective,
+    loss_derivatives,
+    per_sample_loss,
+    preprocess,
+    stages,
+    trajectory,
+)
+
+__all__ = [
+    "LossSpec",
+    "Policy",
+    "QTerms",
+    "Stage",
+    "VanillaDDP",
+    "batch_objective",
+    "closed_loop_gn_step",
+    "ddp_backward",
+    "ddp_forward_update",
+    "ddp_step",
+    "first_order_dp",
+    "loss_derivatives",
+    "per_sample_loss",
+    "per_sample_value_gradients",
+    "preprocess",
+    "q_terms",
+    "regularized_curvature",
+    "stage_jacobians",
+    "stages",
+    "tensor_terms",
+    "trajectory",
+]
