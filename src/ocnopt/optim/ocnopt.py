@@ -268,14 +268,15 @@ class OCNOpt(Optimizer):
         self._devices = sorted({p.device.index or 0 for p in group_of if p.device.type == "cuda"})
         kron = self.curvature in _KRONECKER
         if unsupported:
-            self._warn_once(
-                "unsupported", "layers without a Kronecker/feedback helper (they get the open-loop "
-                f"{'adam-style diagonal' if kron else self.curvature} update): "
-                + ", ".join(unsupported))
-        if kron and self._other_params:
+            self._warn_once("unsupported", "modules without a Kronecker/feedback helper: "
+                            + "; ".join(unsupported))
+        if self._other_params and (kron or self.feedback):
+            how = " and ".join(s for s, on in (
+                ("use the adam-style diagonal curvature", kron),
+                ("get open-loop updates (no layer-wise feedback)", self.feedback)) if on)
             listed = ", ".join(names[p] for p in self._other_params)
-            self._warn_once("fallback", f"curvature={self.curvature!r}: parameters that are not "
-                            f"Kronecker-factored use the adam-style diagonal: {listed}")
+            self._warn_once("fallback", f"parameters outside supported Linear/Conv2d layers {how}:"
+                            f" {listed}")
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
