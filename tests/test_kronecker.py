@@ -200,3 +200,22 @@ def test_kfac_step_is_damped_natural_gradient():
         step = torch.linalg.solve(m, _vec(grad))
         new = _vec(helper.to_matrix(layer.weight.detach(), layer.bias.detach()))
         torch.testing.assert_close(new, _vec(helper.to_matrix(w0, b0)) - step)
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_factors_and_bases_follow_their_schedules(feedback):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = OCNOpt(model, lr=0.05, curvature="ekfac", feedback=feedback, factor_update_freq=3,
+                 update_freq=6)
+    st = opt.state[model[0].weight]
+    seen_a, seen_basis = [], []
+    for _ in range(8):
+        x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+        opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
+        seen_a.append(st["A"].clone())
+        seen_basis.append(st["in_vectors"].clone())
+    a_changed = [not torch.equal(seen_a[i], seen_a[i - 1]) for i in range(1, 8)]
+    basis_changed = [not torch.equal(seen_basis[i], seen_basis[i - 1]) for i in range(1, 8)]
+    assert a_changed == [False, False, True, False, False, True, False]  # steps 3 and 6
+    assert basis_changed == [False, False, False, False, False, True, False]  # step 6

@@ -95,28 +95,28 @@ class ForwardCapture:
 class FeedbackPass:
     """Call ``on_input(module, x_hat)`` before each watched module runs (second forward pass).
 
-    Run the model under ``torch.no_grad()`` inside the block. BatchNorm running statistics
-    (and ``num_batches_tracked``) of ``model`` are snapshotted on entry and restored on exit.
+    Run the model under ``torch.no_grad()`` inside the block. The running statistics (and
+    ``num_batches_tracked``) of the BatchNorm modules ``batchnorms`` are snapshotted on entry
+    and restored on exit.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        batchnorms: Iterable[_BatchNorm],
         modules: Iterable[nn.Module],
         on_input: Callable[[nn.Module, Tensor], None],
     ) -> None:
-        self.model = model
+        self.batchnorms = list(batchnorms)
         self.modules = list(modules)
         self.on_input = on_input
         self._handles: list[RemovableHandle] = []
         self._bn_state: list[tuple[Tensor, Tensor]] = []
 
     def __enter__(self) -> FeedbackPass:
-        for m in self.model.modules():
-            if isinstance(m, _BatchNorm):
-                for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
-                    if buf is not None:
-                        self._bn_state.append((buf, buf.detach().clone()))
+        for m in self.batchnorms:
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buf is not None:
+                    self._bn_state.append((buf, buf.detach().clone()))
         try:
             for m in self.modules:
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook))

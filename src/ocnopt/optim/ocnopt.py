@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from ocnopt.curvature.kronecker import (
@@ -265,6 +266,7 @@ class OCNOpt(Optimizer):
                               for t in (lay.helper.weight, lay.helper.bias) if t is not None}
         self._other_params = [p for p in group_of if p not in self._layer_params]
         self._group_of = group_of
+        self._bn_modules = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
         self._devices = sorted({p.device.index or 0 for p in group_of if p.device.type == "cuda"})
         kron = self.curvature in _KRONECKER
         if unsupported:
@@ -349,14 +351,16 @@ class OCNOpt(Optimizer):
             return None
         self._records = records
         with torch.no_grad():
-            self._update_curvature(records)
+            if self._factors_due():
+                self._update_curvature(records)
             self._open_loop(grads, self._other_params + list(self._layer_params))
             self.state[_GLOBAL]["step"] += 1
         return None
 
     def _step_with_closure(self, closure: Callable[[], Tensor]) -> Tensor:
         feedback = self.feedback and bool(self._layers)
-        watch = list(self._layers) if (feedback or self._factors_due()) else []
+        factors_due = self._factors_due()
+        watch = list(self._layers) if (feedback or factors_due) else []
         rng = _RngReplay(self._devices) if feedback else None
         with ForwardCapture(watch) as cap, torch.enable_grad():
             loss = closure()
@@ -380,7 +384,8 @@ class OCNOpt(Optimizer):
             return loss.detach()
         self._records = records
         with torch.no_grad():
-            self._update_curvature(records)
+            if factors_due:
+                self._update_curvature(records)
             for p, gr in param_grads.items():
                 p.grad = gr
             if not feedback:
@@ -400,7 +405,7 @@ class OCNOpt(Optimizer):
                         rec.input_grad = input_grads[id(rec.inputs[0])]
                 single = [m for m, r in records.items() if r.calls == 1]
                 assert rng is not None
-                with FeedbackPass(self.model, single, self._feedback_input), rng.replay():
+                with FeedbackPass(self._bn_modules, single, self._feedback_input), rng.replay():
                     closure()
                 for m in single:
                     rec = records[m]
@@ -444,10 +449,14 @@ class OCNOpt(Optimizer):
         return targets, roles
 
     def _all_finite(self, tensors: list[Tensor], records: dict[nn.Module, LayerRecord]) -> bool:
-        """True if everything is finite; otherwise count/warn the skipped step."""
+        """True if everything is finite; otherwise count/warn the skipped step.
+
+        One reduction per tensor: NaN/Inf propagate into its sum (a finite tensor whose sum
+        overflows float range also counts as non-finite; such a step would be destructive).
+        """
         for rec in records.values():
             tensors = tensors + [g for g in rec.grads if g is not None]
-        ok = bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+        ok = not tensors or bool(torch.isfinite(torch.stack([t.sum() for t in tensors]).sum()))
         g = self.state[_GLOBAL]
         if ok:
             self._in_skip_burst = False
