@@ -20,6 +20,7 @@ moments (EKFAC statistics) and applies such a block scale without forming the co
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -158,10 +159,34 @@ def ekfac_init(out: Eigenbasis, inp: Eigenbasis, locations: float) -> Tensor:
     return torch.outer(out.spectrum(), inp.spectrum()).mul_(locations)
 
 
+@functools.lru_cache(maxsize=64)
+def _block_helpers(ko: int, ki: int, d_out: int, d_in: int, tr_out: bool, tr_in: bool,
+                   dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Difference operators ``D_out`` ``(k_o+r_o, k_o+r_o)``, ``D_in`` and 1/entries per block.
+
+    ``D = [[I, 0], [-1^T, 1]]`` turns "sum over the whole row/column" into "sum over the
+    complement": block sums of squares are ``D_out S D_in^T`` for the cumulative matrix ``S``.
+    """
+
+    def diff(k: int, tr: bool) -> Tensor:
+        d = torch.eye(k + int(tr), dtype=dtype, device=device)
+        if tr:
+            d[k, :k] = -1
+        return d
+
+    inv = torch.ones(ko + int(tr_out), ki + int(tr_in), dtype=dtype, device=device)
+    if tr_in:
+        inv[:, ki] /= d_in - ki
+    if tr_out:
+        inv[ko, :] /= d_out - ko
+    return diff(ko, tr_out), diff(ki, tr_in), inv
+
+
 class Projection:
     """A direction ``V`` ``(d_out, d_in)`` expressed in an (out, in) eigenbasis pair.
 
-    Costs ``O((k_o + k_i) d_out d_in)`` multiply-adds to build and the same to :meth:`apply`.
+    Costs ``O((k_o + k_i) d_out d_in)`` multiply-adds to build and the same to :meth:`apply`
+    (``k`` = kept rank; ``k = d`` for an exact side), in a few dozen tensor operations.
     """
 
     def __init__(self, v: Tensor, out: Eigenbasis, inp: Eigenbasis) -> None:
@@ -175,39 +200,37 @@ class Projection:
     def second_moments(self) -> Tensor:
         """Mean squared entry of every block, shape ``(k_o [+1], k_i [+1])`` like the scale."""
         c2 = self.c.square()
+        if not (self.tr_out or self.tr_in):
+            return c2
         ko, ki = c2.shape
         d_out, d_in = self.v.shape
-        m = c2.new_zeros(ko + int(self.tr_out), ki + int(self.tr_in))
-        m[:ko, :ki] = c2
-        c_rows, c_cols = c2.sum(1), c2.sum(0)
-        x_rows = self.x.square().sum(1) if self.tr_in else None
+        d_o, d_i, inv = _block_helpers(ko, ki, d_out, d_in, self.tr_out, self.tr_in, c2.dtype,
+                                       c2.device)
+        s = c2  # cumulative sums of squares: whole rows / columns in the last row / column
         if self.tr_in:
-            m[:ko, ki] = (x_rows - c_rows).clamp_min_(0) / (d_in - ki)
+            s = torch.cat([s, self.x.square().sum(1, keepdim=True)], 1)
         if self.tr_out:
-            vw_cols = self.vw.square().sum(0)
-            m[ko, :ki] = (vw_cols - c_cols).clamp_min_(0) / (d_out - ko)
-        if self.tr_out and self.tr_in:
-            rr = self.v.square().sum() - x_rows.sum() - vw_cols.sum() + c_rows.sum()
-            m[ko, ki] = rr.clamp_min(0) / ((d_out - ko) * (d_in - ki))
-        return m
+            last = self.vw.square().sum(0)
+            if self.tr_in:
+                last = torch.cat([last, self.v.square().sum().reshape(1)])
+            s = torch.cat([s, last.unsqueeze(0)], 0)
+        return d_o.mm(s).mm(d_i.t()).clamp_min_(0).mul_(inv)
 
     def apply(self, scale: Tensor) -> Tensor:
         """``(d_out, d_in)`` result of scaling every block entry by ``scale`` and rotating back."""
         ko, ki = self.c.shape
         u, w, c, x = self.u, self.w, self.c, self.x
-        core = c * scale[:ko, :ki]
-        if not self.tr_out and not self.tr_in:
-            return u.mm(core).mm(w.t())
-        if not self.tr_out:  # truncated input side only
-            s_cr = scale[:ko, ki : ki + 1]
-            return u.mm((core - c * s_cr).mm(w.t()) + x * s_cr)
-        s_rc = scale[ko : ko + 1, :ki]
-        if not self.tr_in:  # truncated output side only
-            return (u.mm(core - c * s_rc) + self.vw * s_rc).mm(w.t())
-        s_cr = scale[:ko, ki : ki + 1]
+        if not (self.tr_out or self.tr_in):
+            return u.mm(c * scale).mm(w.t())
+        if not self.tr_out:  # truncated input side only: per-row complement scale a
+            a = scale[:, ki : ki + 1]
+            return u.mm(torch.addmm(x * a, c * (scale[:, :ki] - a), w.t()))
+        if not self.tr_in:  # truncated output side only: per-column complement scale b
+            b = scale[ko : ko + 1, :]
+            return torch.addmm(self.vw * b, u, c * (scale[:ko] - b)).mm(w.t())
         s_rr = scale[ko, ki]
-        inner = (core - c * s_cr - c * s_rc + c * s_rr).mm(w.t()) + x * (s_cr - s_rr)
-        out = u.mm(inner)
-        out.addmm_(self.vw * (s_rc - s_rr), w.t())
-        out.add_(self.v * s_rr)
-        return out
+        a = scale[:ko, ki : ki + 1] - s_rr
+        b = scale[ko : ko + 1, :ki] - s_rr
+        out = u.mm(torch.addmm(x * a, c * (scale[:ko, :ki] - a - b - s_rr), w.t()))
+        out.addmm_(self.vw * b, w.t())
+        return out.addcmul_(self.v, s_rr)
