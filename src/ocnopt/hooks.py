@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LayerRecord", "ForwardCapture", "FeedbackPass"]
+__all__ = ["LayerRecord", "ForwardCapture", "FeedbackPass", "FeedbackComplete"]
+
+
+class FeedbackComplete(BaseException):  # noqa: N818 - a control-flow signal, like StopIteration
+    """Raised from a feedback pre-hook once every layer is updated: the rest of the second
+    forward pass (later parameter-free modules, the loss) is skipped. A ``BaseException`` so
+    that ``except Exception`` blocks in user closures do not swallow it; :class:`FeedbackPass`
+    absorbs it on exit."""
 
 
 @dataclass
@@ -95,6 +102,9 @@ class ForwardCapture:
 class FeedbackPass:
     """Call ``on_input(module, x_hat)`` before each watched module runs (second forward pass).
 
+    When ``on_input`` returns True (all layers done) the forward is cut short with
+    :class:`FeedbackComplete`, which the block absorbs.
+
     Run the model under ``torch.no_grad()`` inside the block. The running statistics (and
     ``num_batches_tracked``) of the BatchNorm modules ``batchnorms`` are snapshotted on entry
     and restored on exit.
@@ -104,7 +114,7 @@ class FeedbackPass:
         self,
         batchnorms: Iterable[_BatchNorm],
         modules: Iterable[nn.Module],
-        on_input: Callable[[nn.Module, Tensor], None],
+        on_input: Callable[[nn.Module, Tensor], bool],
     ) -> None:
         self.batchnorms = list(batchnorms)
         self.modules = list(modules)
@@ -125,8 +135,9 @@ class FeedbackPass:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> bool:
         self.close()
+        return exc_type is FeedbackComplete
 
     def close(self) -> None:
         for h in self._handles:
@@ -138,5 +149,5 @@ class FeedbackPass:
         self._bn_state.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor):
-            self.on_input(module, args[0])
+        if args and isinstance(args[0], Tensor) and self.on_input(module, args[0]):
+            raise FeedbackComplete

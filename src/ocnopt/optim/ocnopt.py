@@ -214,6 +214,7 @@ class OCNOpt(Optimizer):
         self._in_skip_burst = False
         self._pending: dict[nn.Module, LayerRecord] | None = None
         self._records: dict[nn.Module, LayerRecord] = {}
+        self._feedback_left = 0  # layers still to update in the running feedback pass
         self._warned: set[str] = set()
         self._build_layers()
         self._initialised = True
@@ -404,6 +405,7 @@ class OCNOpt(Optimizer):
                     if rec.calls == 1 and id(rec.inputs[0]) in input_grads:
                         rec.input_grad = input_grads[id(rec.inputs[0])]
                 single = [m for m, r in records.items() if r.calls == 1]
+                self._feedback_left = sum(records[m].grads[0] is not None for m in single)
                 assert rng is not None
                 with FeedbackPass(self._bn_modules, single, self._feedback_input), rng.replay():
                     closure()
@@ -472,11 +474,13 @@ class OCNOpt(Optimizer):
         return False
 
     # ------------------------------------------------------------------ feedback pass
-    def _feedback_input(self, module: nn.Module, x_hat: Tensor) -> None:
+    def _feedback_input(self, module: nn.Module, x_hat: Tensor) -> bool:
+        """Update ``module`` from its second-pass input; True once every layer is updated."""
         rec = self._records.get(module)
         if rec is None or rec.calls != 1 or rec.visited or rec.grads[0] is None:
-            return
+            return False
         rec.visited = True
+        self._feedback_left -= 1
         lay = self._layers[module]
         x = rec.inputs[0]
         if x._version != rec.versions[0]:
@@ -500,6 +504,7 @@ class OCNOpt(Optimizer):
             w = s.add_(1.0)
         dw, db = lay.helper.weight_grad(x, rec.grads[0], w)
         self._update_layer(lay, dw, db)
+        return self._feedback_left == 0
 
     # ------------------------------------------------------------------ updates
     def _open_loop(self, grads: dict[Tensor, Tensor], params: list[Tensor]) -> None:
