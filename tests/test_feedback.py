@@ -193,3 +193,25 @@ def test_identity_feedback_step_equals_reference_ddp_closed_loop(make_model, sha
     opt.step(lambda: F.cross_entropy(got(x), y))
     for a, b in zip(ref.parameters(), got.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_feedback_clip_is_a_trust_region_on_the_sample_weights():
+    torch.manual_seed(7)
+    x, y = torch.randn(6, 6, dtype=D), torch.randint(0, 3, (6,))
+    runs = {}
+    for clip in (None, 0.0, 1e-3, 1e9):
+        model = tiny_mlp(D)
+        opt = OCNOpt(model, lr=2.0, curvature="identity", feedback_clip=clip)
+        opt.step(lambda model=model: F.cross_entropy(model(x), y))
+        runs[clip] = [p.detach().clone() for p in model.parameters()]
+    plain = tiny_mlp(D)
+    OCNOpt(plain, lr=2.0, curvature="identity", feedback=False).step(
+        lambda: F.cross_entropy(plain(x), y))
+    for a, b in zip(runs[0.0], plain.parameters(), strict=True):  # clip 0: open loop, bitwise
+        assert torch.equal(a, b)
+    for a, b in zip(runs[1e9], runs[None], strict=True):  # a loose clip changes nothing
+        assert torch.equal(a, b)
+    # a tight clip moves the last layer only slightly away from the open-loop result
+    open_loop = list(plain.parameters())[-2].detach()
+    tight = (runs[1e-3][-2] - open_loop).abs().max()
+    assert 0 < tight < (runs[None][-2] - open_loop).abs().max()

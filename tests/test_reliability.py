@@ -46,6 +46,7 @@ def _no_hooks(model):
 # ---------------------------------------------------------------- validation
 @pytest.mark.parametrize("kw,needle", [
     (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(feedback_scale=-0.5), "feedback"),
+    (dict(feedback_clip=-1.0), "feedback_clip"),
     (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
     (dict(dampening=2.0), "dampening"), (dict(weight_decay=-1e-3), "weight_decay"),
     (dict(alpha=1.5, curvature="rmsprop"), "alpha"), (dict(betas=(0.9, 1.0)), "betas"),

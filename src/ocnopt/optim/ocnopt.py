@@ -74,6 +74,8 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check("lr", group["lr"], r(group["lr"]) and group["lr"] >= 0, "a finite float >= 0")
     fs = group["feedback_scale"]
     _check("feedback_scale", fs, r(fs) and fs >= 0, "a finite float >= 0")
+    fc = group["feedback_clip"]
+    _check("feedback_clip", fc, fc is None or (r(fc) and fc >= 0), "None or a finite float >= 0")
     m = group["momentum"]
     _check("momentum", m, r(m) and 0 <= m < 1, "0 <= momentum < 1")
     dp = group["dampening"]
@@ -130,6 +132,9 @@ class OCNOpt(Optimizer):
             ``"kfac"``, ``"ekfac"`` (EKFAC with running-average eigenvalues, as in SNOpt).
         feedback: apply the layer-wise feedback policy (needs ``step(closure)``).
         feedback_scale: ``beta`` scaling the feedback term (0 = base optimizer exactly).
+        feedback_clip: optional trust region on the feedback: each per-sample term ``s_i`` is
+            clamped to ``[-clip, clip]`` (``clip=1`` keeps every sample weight ``1 + s_i`` in
+            ``[0, 2]``). ``None`` (default) is the exact DDP formula.
         momentum, dampening, nesterov: ``torch.optim.SGD`` momentum, used by identity, kfac and
             ekfac; rmsprop uses ``momentum`` as ``torch.optim.RMSprop`` does; must be 0 for adam.
         weight_decay: L2 coefficient ``gamma`` added to the direction (preconditioned for
@@ -164,6 +169,7 @@ class OCNOpt(Optimizer):
         feedback: bool = True,
         feedback_scale: float = 1.0,
         *,
+        feedback_clip: float | None = None,
         momentum: float = 0.0,
         dampening: float = 0.0,
         nesterov: bool = False,
@@ -198,7 +204,8 @@ class OCNOpt(Optimizer):
         self.factor_update_freq = factor_update_freq
         self.update_freq = update_freq
         defaults = dict(
-            lr=lr, feedback_scale=feedback_scale, momentum=momentum, dampening=dampening,
+            lr=lr, feedback_scale=feedback_scale, feedback_clip=feedback_clip, momentum=momentum,
+            dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, centered=centered,
             betas=tuple(betas), eps=eps, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, damping=damping,
@@ -501,6 +508,9 @@ class OCNOpt(Optimizer):
                 self._warn_once("nonfinite_feedback", "non-finite feedback terms s_i were "
                                 "replaced by 0 (those samples get the open-loop weight)")
                 s = torch.where(bad, torch.zeros_like(s), s)
+            clip = lay.group["feedback_clip"]
+            if clip is not None:
+                s = s.clamp_(-clip, clip)
             w = s.add_(1.0)
         dw, db = lay.helper.weight_grad(x, rec.grads[0], w)
         self._update_layer(lay, dw, db)
