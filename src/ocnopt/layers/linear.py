@@ -23,7 +23,8 @@ class LinearHelper(LayerHelper):
     def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         g2 = self._reweight(g, w).reshape(-1, g.shape[-1])
         a2 = x.reshape(-1, x.shape[-1])
-        # Same GEMM (and layout) as autograd's addmm backward, so w = 1 is bitwise the gradient.
-        dw = a2.t().mm(g2).t()
+        # Bitwise autograd's weight gradient when w = 1 (tested), and contiguous: a transposed
+        # result would make every later elementwise update several times slower.
+        dw = g2.t().mm(a2)
         db = g2.sum(0) if self.has_bias else None
         return dw, db
