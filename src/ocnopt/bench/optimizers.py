@@ -128,3 +128,44 @@ register(OptimizerSpec(
 register(OptimizerSpec(
     "ocnopt-ekfac", "OCNOpt ekfac curvature + feedback (momentum 0.9)",
     _ocnopt("ekfac", True, momentum=0.9), _GRID_KRON, mode="closure", family="ocnopt"))
+
+# --------------------------------------------------------------------------- baselines and peers
+# E-MSA (ocnopt.bench.emsa), vanilla DDP (ocnopt.bench.ddp_baseline, wraps ocnopt.reference)
+# and the external peers (ocnopt.bench.peers). The peers import their optional package only
+# inside the builder, so a missing package shows up as ``available() == (False, ...)`` and
+# never breaks this import. The DDP entry is registered only when ocnopt.reference imports.
+from ocnopt.bench import emsa as _emsa  # noqa: E402
+from ocnopt.bench import peers as _peers  # noqa: E402
+
+_GRID_EMSA = (3e-4, 1e-3, 3e-3, 1e-2)  # inner Adam step; 5 inner steps per outer step
+_GRID_SHAMPOO = (1e-4, 3e-4, 1e-3, 3e-3)  # RMSprop-grafted ScalableShampoo
+_GRID_SINGD = (3e-3, 1e-2, 3e-2, 1e-1)
+
+register(OptimizerSpec(
+    "emsa", "E-MSA (Li et al. 2018): per-stage augmented-Hamiltonian ascent, 5 inner Adam "
+    "steps, rho 0.03",
+    lambda model, lr, **kw: _emsa.EMSA(model, lr=lr, **kw), _GRID_EMSA, mode="closure",
+    family="optimal-control"))
+register(OptimizerSpec(
+    "soap", "pytorch_optimizer.SOAP, betas (0.95, 0.95), precondition_frequency 10, no decay",
+    _peers.build_soap, _GRID_ADAPTIVE, family="peer", requires=("pytorch_optimizer",)))
+register(OptimizerSpec(
+    "shampoo", "pytorch_optimizer.ScalableShampoo: blocks 256, roots every 10 steps from step "
+    "10, RMSprop grafting",
+    _peers.build_shampoo, _GRID_SHAMPOO, family="peer", requires=("pytorch_optimizer",)))
+register(OptimizerSpec(
+    "singd", "singd SINGD, dense structures, T 10, momentum 0.9 (hooks the model)",
+    _peers.build_singd, _GRID_SINGD, family="peer", requires=("singd",)))
+
+try:
+    from ocnopt.bench import ddp_baseline as _ddp  # noqa: E402
+except ImportError as _exc:  # ocnopt.reference not available in this checkout
+    import logging as _logging  # noqa: E402
+
+    _logging.getLogger(__name__).debug("vanilla-ddp not registered: %s", _exc)
+else:
+    register(OptimizerSpec(
+        "vanilla-ddp", "vanilla batch DDP (ocnopt.reference, exact float64 Q_uu, full "
+        "feedback); tiny nets only",
+        _ddp.build_vanilla_ddp, _ddp.LR_GRID, mode="closure", family="optimal-control",
+        tiny_only=True))
