@@ -212,7 +212,8 @@ class Projection:
         if self.tr_out:
             last = self.vw.square().sum(0)
             if self.tr_in:
-                last = torch.cat([last, self.v.square().sum().reshape(1)])
+                flat = self.v.reshape(-1)
+                last = torch.cat([last, torch.dot(flat, flat).reshape(1)])
             s = torch.cat([s, last.unsqueeze(0)], 0)
         return d_o.mm(s).mm(d_i.t()).clamp_min_(0).mul_(inv)
 
