@@ -1,0 +1,190 @@
+"""Small PNG plots (6x4 in, 100 dpi) of benchmark results, via matplotlib's Agg canvas.
+
+Uses ``matplotlib.figure.Figure`` directly (no pyplot, no global backend switch, no GUI).
+Files are named ``<experiment>__<what>.png``:
+
+* ``acc_vs_step`` / ``acc_vs_time``: test accuracy vs optimizer step and vs training
+  wall-clock seconds, mean over seeds with a +-1 std band (compare and vanishing experiments);
+* ``robustness``: final test accuracy vs lr multiplier (log x), one line per optimizer;
+* ``layer_norms``: per-layer update norm ``||u_t(after) - u_t(before)||`` vs step (log y), one
+  panel per optimizer, one line per layer (vanishing experiments).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FIGSIZE", "DPI", "render_plots"]
+
+log = logging.getLogger(__name__)
+
+FIGSIZE = (6.0, 4.0)
+DPI = 100
+
+
+def _figure(nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _stack(series: list[list[float | None]]) -> np.ndarray:
+    """Pad ragged per-seed series with NaN into an array (seeds, max_len)."""
+    n = max(len(s) for s in series)
+    out = np.full((len(series), n), np.nan)
+    for i, s in enumerate(series):
+        out[i, : len(s)] = [np.nan if v is None else v for v in s]
+    return out
+
+
+def _mean_std(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise nan-mean and nan-std (all-NaN columns give NaN without warnings)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(arr, axis=0)
+        std = np.nanstd(arr, axis=0) if arr.shape[0] > 1 else np.zeros(arr.shape[1])
+    return mean, std
+
+
+def _final_runs(results: dict[str, Any], opt: dict[str, Any]) -> list[dict[str, Any]]:
+    return [results["runs"][r["run_id"]] for r in opt["runs"]
+            if math.isclose(r["lr_multiplier"], 1.0) and r["run_id"] in results["runs"]]
+
+
+def _curves(results: dict[str, Any], exp: dict[str, Any], target: float | None,
+            out_dir: Path) -> list[Path]:
+    paths = []
+    for xkey, xlabel, what in (("step", "optimizer step", "acc_vs_step"),
+                               ("time_s", "training wall-clock (s)", "acc_vs_time")):
+        fig, axes = _figure()
+        ax = axes[0, 0]
+        for opt in exp["optimizers"]:
+            runs = _final_runs(results, opt)
+            if not runs:
+                continue
+            acc = _stack([r["history"]["test_acc"] for r in runs])
+            xs = _stack([r["history"][xkey] for r in runs])
+            mean, std = _mean_std(acc)
+            x, _ = _mean_std(xs)
+            ok = ~np.isnan(mean) & ~np.isnan(x)
+            ls = "-" if opt["family"] == "ocnopt" else ("--" if opt["family"] == "first-order"
+                                                        else ":")
+            (line,) = ax.plot(x[ok], mean[ok], ls, lw=1.2, label=f"{opt['name']} ({len(runs)})")
+            ax.fill_between(x[ok], (mean - std)[ok], (mean + std)[ok], color=line.get_color(),
+                            alpha=0.15, lw=0)
+        if target is not None:
+            ax.axhline(target, color="0.5", lw=0.8, ls="-.", label="target")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{exp['name']}: test accuracy (mean +- std over seeds)", fontsize=9)
+        lo = min((b for b in ax.get_ylim()), default=0.0)
+        ax.set_ylim(max(lo, 0.0), 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
+        paths.append(_save(fig, out_dir / f"{exp['name']}__{what}.png"))
+    return paths
+
+
+def _robustness(exp_summary: dict[str, Any], out_dir: Path) -> Path | None:
+    rows = exp_summary["rows"]
+    if not rows:
+        return None
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for r in rows:
+        m = np.array([b["multiplier"] for b in r["by_multiplier"]], dtype=float)
+        acc = np.array([np.nan if b["test_acc_mean"] is None else b["test_acc_mean"]
+                        for b in r["by_multiplier"]])
+        err = np.array([0.0 if b["test_acc_std"] is None else b["test_acc_std"]
+                        for b in r["by_multiplier"]])
+        ls = "-" if r["family"] == "ocnopt" else ("--" if r["family"] == "first-order" else ":")
+        ax.errorbar(m, acc, yerr=err, fmt=ls + "o", ms=3, lw=1.2, capsize=2,
+                    label=f"{r['optimizer']} (lr*={r['best_lr']:.3g})")
+    ax.set_xscale("log")
+    ax.set_xticks([b["multiplier"] for b in rows[0]["by_multiplier"]])
+    ax.set_xticklabels([f"x{b['multiplier']:g}" for b in rows[0]["by_multiplier"]])
+    ax.set_xlabel("lr multiplier (relative to each method's tuned lr)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title(f"{exp_summary['name']}: lr robustness", fontsize=9)
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="lower center")
+    return _save(fig, out_dir / f"{exp_summary['name']}__robustness.png")
+
+
+def _layer_norms(results: dict[str, Any], exp: dict[str, Any], out_dir: Path) -> Path | None:
+    from matplotlib import colormaps
+
+    panels = []
+    for opt in exp["optimizers"]:
+        runs = [r for r in _final_runs(results, opt) if r.get("layer_norms")]
+        if runs:
+            panels.append((opt["name"], runs))
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _figure(nrows, ncols)
+    cmap = colormaps["viridis"]
+    for k, (name, runs) in enumerate(panels):
+        ax = axes[k // ncols, k % ncols]
+        ln = runs[0]["layer_norms"]
+        steps = np.array(ln["step"], dtype=float)
+        n_layers = len(ln["layers"])
+        for j in range(n_layers):
+            arr = _stack([[row[j] for row in r["layer_norms"]["update_norm"]] for r in runs])
+            mean, _ = _mean_std(arr)
+            n = min(len(steps), len(mean))
+            y = np.where(mean[:n] > 0, mean[:n], np.nan)
+            ax.plot(steps[:n], y, lw=0.8, color=cmap(j / max(n_layers - 1, 1)),
+                    label=f"L{j + 1}" if k == 0 else None)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for k in range(len(panels), nrows * ncols):
+        axes[k // ncols, k % ncols].set_visible(False)
+    fig.suptitle(f"{exp['name']}: per-layer update norm vs step (L1 = input layer)", fontsize=8)
+    fig.legend(fontsize=5, ncol=1, loc="center right")
+    fig.subplots_adjust(right=0.9)
+    return _save(fig, out_dir / f"{exp['name']}__layer_norms.png")
+
+
+def render_plots(results: dict[str, Any], summary: dict[str, Any], out_dir: str | Path
+                 ) -> list[Path]:
+    """Write every plot of ``results`` under ``out_dir``; returns the PNG paths."""
+    out = Path(out_dir)
+    paths: list[Path] = []
+    for exp in results["experiments"]:
+        if exp["status"] != "ok" or not exp["optimizers"]:
+            continue
+        s = summary["experiments"][exp["name"]]
+        try:
+            if exp["kind"] in ("compare", "vanishing"):
+                paths += _curves(results, exp, s.get("target_acc"), out)
+            if exp["kind"] == "robustness":
+                p = _robustness(s, out)
+                paths += [p] if p else []
+            if exp["kind"] == "vanishing":
+                p = _layer_norms(results, exp, out)
+                paths += [p] if p else []
+        except Exception:  # a plot must never lose the results
+            log.exception("plotting %s failed", exp["name"])
+    return paths
