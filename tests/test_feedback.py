@@ -215,3 +215,23 @@ def test_feedback_clip_is_a_trust_region_on_the_sample_weights():
     open_loop = list(plain.parameters())[-2].detach()
     tight = (runs[1e-3][-2] - open_loop).abs().max()
     assert 0 < tight < (runs[None][-2] - open_loop).abs().max()
+
+
+@pytest.mark.parametrize("curvature,kw", [("identity", dict(momentum=0.9)),
+                                          ("identity", dict(momentum=0.8, dampening=0.5)),
+                                          ("ekfac", dict(momentum=0.9)),
+                                          ("rmsprop", dict(momentum=0.75))])
+def test_feedback_enters_momentum_buffer_with_unit_total_gain(curvature, kw):
+    """First step (buffer = direction): momentum mu with beta equals no momentum with
+    beta * (1 - mu) / (1 - dampening) (RMSprop: beta * (1 - mu))."""
+    torch.manual_seed(8)
+    x, y = torch.randn(6, 6, dtype=D), torch.randint(0, 3, (6,))
+    mu, damp = kw["momentum"], kw.get("dampening", 0.0)
+    corr = (1 - mu) if curvature == "rmsprop" else (1 - mu) / (1 - damp)
+    with_momentum, without = tiny_mlp(D), tiny_mlp(D)
+    OCNOpt(with_momentum, lr=0.5, curvature=curvature, **kw).step(
+        lambda: F.cross_entropy(with_momentum(x), y))
+    OCNOpt(without, lr=0.5, curvature=curvature, feedback_scale=corr).step(
+        lambda: F.cross_entropy(without(x), y))
+    for a, b in zip(with_momentum.parameters(), without.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)

@@ -131,7 +131,9 @@ class OCNOpt(Optimizer):
         curvature: base curvature ``M``: ``"identity"`` (SGD), ``"rmsprop"``, ``"adam"``,
             ``"kfac"``, ``"ekfac"`` (EKFAC with running-average eigenvalues, as in SNOpt).
         feedback: apply the layer-wise feedback policy (needs ``step(closure)``).
-        feedback_scale: ``beta`` scaling the feedback term (0 = base optimizer exactly).
+        feedback_scale: ``beta`` scaling the feedback term (0 = base optimizer exactly). With
+            SGD-style momentum the feedback term enters the momentum buffer scaled by
+            ``(1 - momentum) / (1 - dampening)`` so that its accumulated gain is one.
         feedback_clip: optional trust region on the feedback: each per-sample term ``s_i`` is
             clamped to ``[-clip, clip]`` (``clip=1`` keeps every sample weight ``1 + s_i`` in
             ``[0, 2]``). ``None`` (default) is the exact DDP formula.
@@ -500,7 +502,7 @@ class OCNOpt(Optimizer):
                     f"layer {lay.name!r}: input shape {tuple(x_hat.shape)} in the feedback pass "
                     f"differs from {tuple(x.shape)}; the closure must re-evaluate the same batch")
             batch = x.shape[0]
-            beta = lay.group["feedback_scale"]
+            beta = lay.group["feedback_scale"] * self._momentum_gain_correction(lay.group)
             s = (rec.input_grad * (x_hat - x)).reshape(batch, -1).sum(1).mul_(beta * batch)
             bad = ~torch.isfinite(s)
             if bool(bad.any()):
@@ -515,6 +517,23 @@ class OCNOpt(Optimizer):
         dw, db = lay.helper.weight_grad(x, rec.grads[0], w)
         self._update_layer(lay, dw, db)
         return self._feedback_left == 0
+
+    def _momentum_gain_correction(self, group: dict[str, Any]) -> float:
+        """``(1 - momentum) / (1 - dampening)`` for accumulating (SGD/RMSprop) momentum, else 1.
+
+        A momentum buffer applies each direction with a total gain ``(1 - dampening) /
+        (1 - momentum)`` over the following steps, while the observed ``dx`` already contains
+        the upstream layers' momentum. Scaling the feedback term by the inverse gain makes its
+        accumulated effect that of one application, as in momentum-free DDP (without it the
+        corrections pile up roughly ``1/(1 - momentum)``-fold and training diverges). Adam's first
+        moment is a normalised EMA and needs no correction.
+        """
+        mu, damp = group["momentum"], group["dampening"]
+        if mu == 0 or self.curvature == "adam" or damp >= 1:
+            return 1.0
+        if self.curvature == "rmsprop":
+            return 1.0 - mu
+        return (1.0 - mu) / (1.0 - damp)
 
     # ------------------------------------------------------------------ updates
     def _open_loop(self, grads: dict[Tensor, Tensor], params: list[Tensor]) -> None:
