@@ -191,7 +191,7 @@ def test_kfac_step_is_damped_natural_gradient():
     x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 2, (8,))
     before = [p.detach().clone() for p in model.parameters()]
     opt = OCNOpt(model, lr=1.0, curvature="kfac", feedback=False, damping=0.1,
-                 factor_update_freq=1)
+                 factor_update_freq=1, max_rank=None)
     opt.step(lambda: F.cross_entropy(model(x), y))
     for layer, (w0, b0) in ((model[0], before[0:2]), (model[2], before[2:4])):
         helper, _ = helper_for(layer)

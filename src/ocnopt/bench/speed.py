@@ -57,15 +57,16 @@ class SpeedConfig:
 
 
 def default_configs(include_peers: bool = True) -> list[SpeedConfig]:
-    """Adam (reference), SGD, every OCNOpt curvature with/without feedback, rank variants."""
+    """Adam (reference), SGD, every OCNOpt curvature with/without feedback (library defaults,
+    i.e. ``max_rank=64``), EKFAC exact (``max_rank=None``) and ``max_rank=32``, and the peers."""
     cfgs = [SpeedConfig("adam", "adam"), SpeedConfig("sgd", "sgd", lr=0.01)]
     for curv in ("identity", "rmsprop", "adam", "kfac", "ekfac"):
         for fb in (False, True):
             cfgs.append(SpeedConfig(f"ocnopt-{curv}{'+fb' if fb else ''}", "ocnopt",
                                     dict(curvature=curv, feedback=fb), lr=1e-3))
-    for rank in (None, 32):
+    for rank in (None, 32):  # the exact form and a cheaper truncation than the default (64)
         for fb in (False, True):
-            cfgs.append(SpeedConfig(f"ocnopt-ekfac-r{rank or 'full'}{'+fb' if fb else ''}",
+            cfgs.append(SpeedConfig(f"ocnopt-ekfac-r{rank or 'exact'}{'+fb' if fb else ''}",
                                     "ocnopt", dict(curvature="ekfac", feedback=fb, max_rank=rank)))
     if include_peers:
         for name in ("soap", "shampoo", "singd"):

@@ -146,9 +146,10 @@ class OCNOpt(Optimizer):
         damping: Tikhonov damping added to the Kronecker eigenvalues (kfac/ekfac).
         factor_decay: EMA decay of the Kronecker factors A, G.
         eigenvalue_decay: EMA decay ``alpha`` of EKFAC's projected second moments (SNOpt 0.75).
-        max_rank: ``None`` = exact eigenbases; else keep the top ``max_rank`` eigenvectors of
-            each factor (wider factors only) with an isotropic remainder and warm-started
-            refreshes (much cheaper for wide layers).
+        max_rank: keep the top ``max_rank`` eigenvectors of every Kronecker factor wider than
+            that, with an isotropic remainder and warm-started refreshes (default 64: factors
+            up to 64 wide are exact; wide layers cost ``O(k d_out d_in)`` per step instead of
+            ``O((d_out + d_in) d_out d_in)``); ``None`` = exact eigenbases everywhere.
         factor_update_freq: steps between Kronecker factor updates (needs captured activations).
         update_freq: steps between eigenbasis refreshes (and EKFAC eigenvalue resets).
         fallback_lr: learning rate of the adam-style diagonal used for parameters that are not
@@ -185,7 +186,7 @@ class OCNOpt(Optimizer):
         damping: float = 0.05,
         factor_decay: float = 0.95,
         eigenvalue_decay: float = 0.75,
-        max_rank: int | None = None,
+        max_rank: int | None = 64,
         factor_update_freq: int = 10,
         update_freq: int = 100,
         fallback_lr: float | None = None,
