@@ -106,6 +106,7 @@ class RunConfig:
     eval_every: int | None = None
     norm_every: int | None = None
     device: str = "cpu"
+    eval_subset: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -414,10 +415,16 @@ class _SuiteRun:
     # ---- data
     def data(self, exp: Experiment) -> DatasetSplits:
         flatten = False if exp.model in _CONV_MODELS else None
-        key = (exp.dataset, flatten, exp.subset)
+        key = (exp.dataset, flatten, exp.subset, exp.eval_subset)
         if key not in self._data:
-            self._data[key] = load_dataset(exp.dataset, data_dir=self.data_dir, flatten=flatten,
-                                           subset=exp.subset)
+            data = load_dataset(exp.dataset, data_dir=self.data_dir, flatten=flatten,
+                                subset=exp.subset)
+            if exp.eval_subset is not None:  # first N of the fixed val/test splits
+                n = exp.eval_subset
+                data = dataclasses.replace(
+                    data, val=TensorDataset(*(t[:n] for t in data.val.tensors)),
+                    test=TensorDataset(*(t[:n] for t in data.test.tensors)))
+            self._data[key] = data
         return self._data[key]
 
     # ---- experiments
@@ -454,13 +461,15 @@ class _SuiteRun:
             dataset=exp.dataset, model=exp.model, optimizer=opt, lr=float(lr), seed=seed,
             epochs=exp.epochs, batch_size=exp.batch_size, model_options=dict(exp.model_options),
             subset=exp.subset, eval_every=exp.eval_every,
-            norm_every=exp.norm_every if exp.kind == "vanishing" else None, device=self.device)
+            norm_every=exp.norm_every if exp.kind == "vanishing" else None, device=self.device,
+            eval_subset=exp.eval_subset)
 
     def experiment(self, exp: Experiment) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": exp.name, "kind": exp.kind, "dataset": exp.dataset, "model": exp.model,
             "model_options": dict(exp.model_options), "epochs": exp.epochs,
             "batch_size": exp.batch_size, "subset": exp.subset, "eval_every": exp.eval_every,
+            "eval_subset": exp.eval_subset,
             "num_threads": exp.num_threads, "seeds": list(range(self.suite.seeds)),
             "lr_tuning": self.suite.lr_tuning,
             "lr_multipliers": list(exp.lr_multipliers) if exp.kind == "robustness" else None,
