@@ -360,9 +360,8 @@ class OCNOpt(Optimizer):
         grads = {p: p.grad for p in self._group_of if p.grad is not None}
         if not self._all_finite(list(grads.values()), records):
             return None
-        self._records = records
         with torch.no_grad():
-            if self._factors_due():
+            if records:
                 self._update_curvature(records)
             self._open_loop(grads, self._other_params + list(self._layer_params))
             self.state[_GLOBAL]["step"] += 1
@@ -383,14 +382,17 @@ class OCNOpt(Optimizer):
         records = cap.records
         param_grads: dict[Tensor, Tensor] = {}
         input_grads: dict[int, Tensor] = {}
-        for t, role, gr in zip(targets, roles, grads, strict=False):
+        anchors: list[Tensor] = []
+        for t, role, gr in zip(targets, roles, grads, strict=True):
             if gr is None:
                 continue
             if role == "param":
                 param_grads[t] = gr
-            else:
+            elif role == "input":
                 input_grads[id(t)] = gr
-        checks = [loss.detach(), *param_grads.values(), *input_grads.values()]
+            else:
+                anchors.append(gr)
+        checks = [loss.detach(), *param_grads.values(), *input_grads.values(), *anchors]
         if not self._all_finite(checks, records):
             return loss.detach()
         self._records = records
