@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ocnopt-installed
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[bench,data,ode,dev]"
+	$(PY) -m pip install -q -e ".[bench,data,ode,peers,dev]"
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -18,8 +18,8 @@ bench: $(STAMP)
 	$(VENV)/bin/ocnopt bench
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests examples
