@@ -288,7 +288,7 @@ def test_overrides_and_suite_definitions():
     (exp,) = quick.experiments
     assert (exp.dataset, exp.model, exp.batch_size) == ("digits", "fcn", 32)
     assert {"sgd", "adam", "rmsprop", "kfac", "ekfac", "ocnopt-identity", "ocnopt-adam",
-            "ocnopt-ekfac"} == set(exp.optimizers)
+            "ocnopt-ekfac", "soap", "shampoo", "singd"} == set(exp.optimizers)
     s = apply_overrides(quick, datasets=["digits", "wine"], models=["fcn"], seeds=1, epochs=2,
                         optimizers=["sgd"], lr_tuning=False)
     assert [e.name for e in s.experiments] == ["digits-fcn", "wine-fcn"]
