@@ -282,20 +282,20 @@ class OCNOpt(Optimizer):
         kron = self.curvature in _KRONECKER
         if unsupported:
             self._warn_once("unsupported", "modules without a Kronecker/feedback helper: "
-                            + "; ".join(unsupported))
+                            + "; ".join(unsupported), stacklevel=4)
         if self._other_params and (kron or self.feedback):
             how = " and ".join(s for s, on in (
                 ("use the adam-style diagonal curvature", kron),
                 ("get open-loop updates (no layer-wise feedback)", self.feedback)) if on)
             listed = ", ".join(names[p] for p in self._other_params)
             self._warn_once("fallback", f"parameters outside supported Linear/Conv2d layers {how}:"
-                            f" {listed}")
+                            f" {listed}", stacklevel=4)
 
-    def _warn_once(self, key: str, msg: str) -> None:
+    def _warn_once(self, key: str, msg: str, stacklevel: int = 3) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+            log.info(msg)  # the RuntimeWarning is the user-facing channel
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -481,7 +481,7 @@ class OCNOpt(Optimizer):
                    f"(parameters and optimizer state unchanged; {g['skipped_steps']} skipped "
                    "so far)")
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
-            log.warning(msg)
+            log.info(msg)  # the RuntimeWarning is the user-facing channel
         self._in_skip_burst = True
         return False
 
@@ -552,12 +552,11 @@ class OCNOpt(Optimizer):
 
     def _diag_update(self, p: Tensor, d: Tensor, group: dict[str, Any], fallback: bool) -> None:
         state = self.state[p]
-        curv = self.curvature
-        if curv in _KRONECKER and fallback:
-            curv, lr = "adam", group["fallback_lr"] if group["fallback_lr"] is not None else None
-        else:
-            lr = None
-        lr = group["lr"] if lr is None else lr
+        curv, lr = self.curvature, group["lr"]
+        if curv in _KRONECKER and fallback:  # parameters outside Kronecker layers
+            curv = "adam"
+            if group["fallback_lr"] is not None:
+                lr = group["fallback_lr"]
         if curv == "identity":
             sgd_update(p, d, state, lr=lr, momentum=group["momentum"],
                        dampening=group["dampening"], nesterov=group["nesterov"],
