@@ -37,7 +37,8 @@ from torch import nn
 from ocnopt.bench.models import build_model
 from ocnopt.bench.optimizers import OPTIMIZERS
 
-__all__ = ["SpeedConfig", "default_configs", "measure_speed", "run_speed_suite"]
+__all__ = ["SpeedConfig", "default_configs", "image_data", "measure_rank_accuracy", "measure_speed",
+           "run_speed_suite"]
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def run_speed_suite(out_dir: Path, device: str = "cpu", quick: bool = False,
     return rows
 
 
-def _speed_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def image_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(X (n,1,28,28), y (n,), source)``: Fashion-MNIST or mnist5k when available, else noise."""
     from ocnopt.bench.data import DatasetUnavailableError, load_dataset
 
@@ -264,7 +265,7 @@ def measure_rank_accuracy(
 
     torch.manual_seed(seed)
     model = build_model(model_name, input_shape=INPUT_SHAPE, num_classes=10)
-    x_all, y_all, source = _speed_data(steps * batch, seed)
+    x_all, y_all, source = image_data(steps * batch, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = OCNOpt(model, lr=0.01, curvature="ekfac", feedback=False, momentum=0.9,
