@@ -22,15 +22,6 @@ from ocnopt.bench.runner import RunConfig, run_suite, train_run  # noqa: E402
 from ocnopt.bench.suites import Experiment, Suite, apply_overrides, get_suite  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: intra-op threads only add overhead (and stall badly on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", subset=96)

@@ -14,15 +14,6 @@ from ocnopt.bench.optimizers import OPTIMIZERS, train_step
 from ocnopt.reference import VanillaDDP
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread (several threads only oversubscribe a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny() -> nn.Sequential:
     torch.manual_seed(4)
     return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3))

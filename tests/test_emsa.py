@@ -14,15 +14,6 @@ from ocnopt.bench.optimizers import OPTIMIZERS, get_optimizer, train_step
 from tests.conftest import batches, tiny_cnn, tiny_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread (several threads only oversubscribe a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks)
                for m in model.modules())

@@ -12,15 +12,6 @@ from ocnopt.bench.optimizers import OPTIMIZERS, available_optimizers, get_optimi
 _PEERS = {"soap": "pytorch_optimizer", "shampoo": "pytorch_optimizer", "singd": "singd"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread (several threads only oversubscribe a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mlp() -> nn.Sequential:
     torch.manual_seed(7)
     return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
