@@ -64,6 +64,8 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from ocnopt.reference.model import split_sequential
+
 __all__ = ["EMSA", "Stage", "Trajectory", "split_stages", "capture_states"]
 
 log = logging.getLogger(__name__)
@@ -99,13 +101,6 @@ class Trajectory:
     costates: list[Tensor | None]
 
 
-def _flat_modules(model: nn.Module) -> list[nn.Module]:
-    out: list[nn.Module] = []
-    for m in model.children():
-        out.extend(_flat_modules(m) if isinstance(m, nn.Sequential) else [m])
-    return out
-
-
 def split_stages(
     model: nn.Module, optimized: set[nn.Parameter] | None = None
 ) -> tuple[list[nn.Module], list[Stage]]:
@@ -116,17 +111,7 @@ def split_stages(
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"E-MSA needs an nn.Sequential model, got {type(model).__name__}")
-    pre: list[nn.Module] = []
-    groups: list[tuple[nn.Module, list[nn.Module]]] = []
-    for m in _flat_modules(model):
-        if any(True for _ in m.parameters()):
-            groups.append((m, []))
-        elif groups:
-            groups[-1][1].append(m)
-        else:
-            pre.append(m)
-    if not groups:
-        raise ValueError("the model has no module with parameters (nothing to optimise)")
+    pre, groups = split_sequential(model, lambda m: any(True for _ in m.parameters()))
     heads = [h for h, _ in groups]
     if len(set(map(id, heads))) != len(heads):
         raise ValueError("a parametric module appears twice in the Sequential (shared weights)")

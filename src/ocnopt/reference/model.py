@@ -76,20 +76,32 @@ def _check_module(m: nn.Module) -> bool:
     return False
 
 
-def _split(model: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, list[nn.Module]]]]:
-    """Split into (preprocessing modules, [(parametric module, post modules), ...])."""
+def split_sequential(
+    model: nn.Module, is_head: Callable[[nn.Module], bool]
+) -> tuple[list[nn.Module], list[tuple[nn.Module, list[nn.Module]]]]:
+    """Split a (nested) ``nn.Sequential`` into (preprocessing modules, stages).
+
+    A stage is ``(head, post)``: a module for which ``is_head`` is true, followed by the
+    non-head modules up to the next head; non-head modules before the first head are the
+    preprocessing. Raises ``ValueError`` if there is no head.
+    """
     pre: list[nn.Module] = []
     groups: list[tuple[nn.Module, list[nn.Module]]] = []
     for m in _flat_modules(model):
-        if _check_module(m):
+        if is_head(m):
             groups.append((m, []))
         elif groups:
             groups[-1][1].append(m)
         else:
             pre.append(m)
     if not groups:
-        raise ValueError("the model has no parametric (Linear / Conv2d) module")
+        raise ValueError("the model has no parametric module to build a stage from")
     return pre, groups
+
+
+def _split(model: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, list[nn.Module]]]]:
+    """Split into (preprocessing modules, [(Linear/Conv2d module, post modules), ...])."""
+    return split_sequential(model, _check_module)
 
 
 @dataclass
