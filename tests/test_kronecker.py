@@ -177,8 +177,9 @@ def test_ekfac_equals_kfac_for_single_datum_without_eigenvalue_memory():
     for curv in ("kfac", "ekfac"):
         torch.manual_seed(4)
         model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
-        opt = OCNOpt(model, lr=0.5, curvature=curv, feedback=False, eigenvalue_decay=0.0,
-                     damping=1e-3, factor_update_freq=1)
+        extra = dict(eigenvalue_decay=0.0) if curv == "ekfac" else {}
+        opt = OCNOpt(model, lr=0.5, curvature=curv, feedback=False, damping=1e-3,
+                     factor_update_freq=1, **extra)
         opt.step(lambda model=model: F.cross_entropy(model(x), y))
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-8, atol=1e-10)

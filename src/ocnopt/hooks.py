@@ -1,8 +1,11 @@
-"""Hook plumbing, always context-managed: no hook outlives the ``with`` block.
+"""Hook plumbing. Every hook here is owned by a context manager or by an object with ``close()``.
 
-* :class:`ForwardCapture` records, for each watched module, its first-pass inputs and (through
-  tensor hooks installed on its outputs, which are safe with in-place activations) the gradient
-  of the loss w.r.t. its outputs.
+* :class:`ForwardCapture` records, for each watched module call, its input, and (through tensor
+  hooks installed on the call's output and input, which are safe with in-place activations) the
+  gradients of the loss w.r.t. both, from whichever backward pass runs: the optimizer's own
+  ``torch.autograd.grad`` or a ``loss.backward()`` inside the user's closure. Used as a ``with``
+  block inside one step, or kept open (``active`` toggled) for the classic
+  ``loss.backward(); opt.step()`` loop, where the optimizer owns it and closes it.
 * :class:`FeedbackPass` calls back before each watched module runs in the second forward pass,
   and restores BatchNorm running statistics afterwards.
 """
@@ -16,31 +19,43 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LayerRecord", "ForwardCapture", "FeedbackPass", "FeedbackComplete"]
+__all__ = ["LayerRecord", "ForwardCapture", "FeedbackPass", "FeedbackComplete",
+           "batchnorm_buffers"]
+
+
+def batchnorm_buffers(model: nn.Module) -> list[Tensor]:
+    """The buffers a training-mode forward updates: BatchNorm running statistics and counts."""
+    return [buf for m in model.modules() if isinstance(m, _BatchNorm)
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
 
 
 class FeedbackComplete(BaseException):  # noqa: N818 - a control-flow signal, like StopIteration
     """Raised from a feedback pre-hook once every layer is updated: the rest of the second
-    forward pass (later parameter-free modules, the loss) is skipped. A ``BaseException`` so
-    that ``except Exception`` blocks in user closures do not swallow it; :class:`FeedbackPass`
-    absorbs it on exit."""
+    forward pass (later parameter-free modules, the loss, a ``backward()`` in the closure) is
+    skipped. A ``BaseException`` so that ``except Exception`` blocks in user closures do not
+    swallow it; :class:`FeedbackPass` absorbs it on exit."""
 
 
 @dataclass
 class LayerRecord:
     """What one module saw during the first (graph-building) forward/backward pass.
 
-    ``inputs[c]`` / ``grads[c]``: input tensor and batch-mean loss gradient w.r.t. the output for
-    the module's ``c``-th call. ``input_grad``: gradient w.r.t. ``inputs[0]`` (filled by the
-    optimizer when the feedback needs it). ``visited``: set once the feedback pass updated it.
+    Per call ``c``: ``inputs[c]`` the input tensor, ``versions[c]`` its version counter then,
+    ``grads[c]`` the loss gradient w.r.t. the output and ``input_grads[c]`` w.r.t. the input
+    (``None`` until the backward reaches them, or if the input needs no gradient).
+    ``visited``: set once the feedback pass updated the layer.
     """
 
     inputs: list[Tensor] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     grads: list[Tensor | None] = field(default_factory=list)
-    input_grad: Tensor | None = None
+    input_grads: list[Tensor | None] = field(default_factory=list)
     visited: bool = False
 
     @property
@@ -49,21 +64,43 @@ class LayerRecord:
 
 
 class ForwardCapture:
-    """Record inputs and output gradients of ``modules`` while the block is active.
+    """Record inputs and gradients of ``modules`` while active.
 
-    Hooks only act while gradients are enabled, so evaluation code inside the block is ignored.
+    Hooks only act while ``active`` and gradients are enabled, so evaluation code is ignored.
+    ``input_grads=False`` skips the input-gradient hooks (the curvature needs only outputs).
+    ``fired`` becomes True when a backward pass reaches a recorded output.
+
+    With ``global_hooks=True`` the hooks are process-wide module hooks that filter on
+    ``modules``: nothing is stored on the modules themselves, so copies of the model
+    (``copy.deepcopy``) never inherit them. The owner must call :meth:`close`.
     """
 
-    def __init__(self, modules: Iterable[nn.Module]) -> None:
+    def __init__(
+        self, modules: Iterable[nn.Module], input_grads: bool = True, global_hooks: bool = False
+    ) -> None:
         self.modules = list(modules)
-        self.records: dict[nn.Module, LayerRecord] = {m: LayerRecord() for m in self.modules}
+        self.input_grads = input_grads
+        self.global_hooks = global_hooks
+        self.active = True
+        self.fired = False
+        self.records: dict[nn.Module, LayerRecord] = {}
+        self.reset()
         self._handles: list[RemovableHandle] = []
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self.records = {m: LayerRecord() for m in self.modules}
+        self.fired = False
 
     def __enter__(self) -> ForwardCapture:
         try:
-            for m in self.modules:
-                self._handles.append(m.register_forward_pre_hook(self._pre_hook))
-                self._handles.append(m.register_forward_hook(self._post_hook))
+            if self.global_hooks:
+                self._handles.append(register_module_forward_pre_hook(self._pre_hook))
+                self._handles.append(register_module_forward_hook(self._post_hook))
+            else:
+                for m in self.modules:
+                    self._handles.append(m.register_forward_pre_hook(self._pre_hook))
+                    self._handles.append(m.register_forward_hook(self._post_hook))
         except BaseException:
             self.close()
             raise
@@ -78,23 +115,36 @@ class ForwardCapture:
         self._handles.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):
+        if not (self.active and torch.is_grad_enabled()) or not args:
             return
-        rec = self.records[module]
-        rec.inputs.append(args[0])
-        rec.versions.append(args[0]._version)
+        rec = self.records.get(module)
+        x = args[0]
+        if rec is None or not isinstance(x, Tensor):
+            return
+        idx = rec.calls
+        rec.inputs.append(x)
+        rec.versions.append(x._version)
         rec.grads.append(None)
+        rec.input_grads.append(None)
+        if self.input_grads and x.requires_grad:
+
+            def store_input(grad: Tensor) -> None:
+                rec.input_grads[idx] = grad.detach()
+                self.fired = True
+
+            x.register_hook(store_input)
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+        if not (self.active and torch.is_grad_enabled()) or not isinstance(output, Tensor):
             return
-        rec = self.records[module]
-        if not output.requires_grad or not rec.inputs:
+        rec = self.records.get(module)
+        if rec is None or not output.requires_grad or not rec.inputs:
             return
         idx = rec.calls - 1
 
         def store(grad: Tensor) -> None:
             rec.grads[idx] = grad.detach()
+            self.fired = True
 
         output.register_hook(store)
 
@@ -105,28 +155,25 @@ class FeedbackPass:
     When ``on_input`` returns True (all layers done) the forward is cut short with
     :class:`FeedbackComplete`, which the block absorbs.
 
-    Run the model under ``torch.no_grad()`` inside the block. The running statistics (and
-    ``num_batches_tracked``) of the BatchNorm modules ``batchnorms`` are snapshotted on entry
-    and restored on exit.
+    Run the model under ``torch.no_grad()`` inside the block. ``buffers`` (the BatchNorm running
+    statistics, see :func:`batchnorm_buffers`) are snapshotted on entry and restored on exit, so
+    the second pass never changes them.
     """
 
     def __init__(
         self,
-        batchnorms: Iterable[_BatchNorm],
+        buffers: Iterable[Tensor],
         modules: Iterable[nn.Module],
         on_input: Callable[[nn.Module, Tensor], bool],
     ) -> None:
-        self.batchnorms = list(batchnorms)
+        self.buffers = list(buffers)
         self.modules = list(modules)
         self.on_input = on_input
         self._handles: list[RemovableHandle] = []
         self._bn_state: list[tuple[Tensor, Tensor]] = []
 
     def __enter__(self) -> FeedbackPass:
-        for m in self.batchnorms:
-            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
-                if buf is not None:
-                    self._bn_state.append((buf, buf.detach().clone()))
+        self._bn_state = [(buf, buf.detach().clone()) for buf in self.buffers]
         try:
             for m in self.modules:
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook))

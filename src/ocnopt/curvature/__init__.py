@@ -1,4 +1,4 @@
-"""Curvature algebra (pure functions): Kronecker factors, eigenbases, preconditioning."""
+"""Curvature: Kronecker algebra (pure functions) and per-layer Kronecker curvature state."""
 
 from ocnopt.curvature.kronecker import (
     Eigenbasis,
@@ -9,6 +9,7 @@ from ocnopt.curvature.kronecker import (
     rows_factor,
     symmetric_eigh,
 )
+from ocnopt.curvature.layer_state import KRONECKER, KroneckerCurvature, refresh_due
 
-__all__ = ["Eigenbasis", "Projection", "ekfac_init", "kfac_scale", "refresh_eigenbasis",
-           "rows_factor", "symmetric_eigh"]
+__all__ = ["KRONECKER", "Eigenbasis", "KroneckerCurvature", "Projection", "ekfac_init",
+           "kfac_scale", "refresh_due", "refresh_eigenbasis", "rows_factor", "symmetric_eigh"]

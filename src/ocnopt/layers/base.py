@@ -13,14 +13,18 @@ __all__ = ["LayerHelper", "helper_for"]
 class LayerHelper(ABC):
     """Math of one parametric layer ``h = W a (+ b)`` seen as a Kronecker-factored stage.
 
-    Conventions: ``x`` is the layer input as the module receives it (batch first, ``B`` samples),
-    ``g`` the gradient of the *batch-mean* loss w.r.t. the layer output (same shape as the output).
-    The direction matrix has shape ``(d_out, d_in [+1])`` with the bias as last column.
+    Conventions: ``x`` is the layer input as the module receives it (``B`` samples along
+    ``batch_dim``), ``g`` the gradient of the *batch-mean* loss w.r.t. the layer output (same
+    shape as the output). The direction matrix has shape ``(d_out, d_in [+1])`` with the bias as
+    last column. ``has_bias`` means "the bias is optimised" (a frozen bias, or one left out of
+    the optimizer's params, is a constant of the layer: no ones column, never updated). All
+    arithmetic runs in the weight's dtype (inputs and gradients are cast, e.g. under autocast).
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, train_bias: bool = True, batch_dim: int = 0) -> None:
         self.module = module
-        self.has_bias = getattr(module, "bias", None) is not None
+        self.has_bias = train_bias and getattr(module, "bias", None) is not None
+        self.batch_dim = batch_dim
 
     @property
     def weight(self) -> Tensor:
@@ -61,23 +65,37 @@ class LayerHelper(ABC):
             return m[:, :-1].reshape(w_shape), m[:, -1].reshape(-1)
         return m.reshape(w_shape), None
 
-    @staticmethod
-    def _reweight(g: Tensor, w: Tensor | None) -> Tensor:
+    def batch_size(self, x: Tensor) -> int:
+        """Number of samples ``B`` in the layer input ``x``."""
+        return x.shape[self.batch_dim]
+
+    def _cast(self, t: Tensor) -> Tensor:
+        dtype = self.module.weight.dtype  # type: ignore[union-attr]
+        return t if t.dtype == dtype else t.to(dtype)
+
+    def _reweight(self, g: Tensor, w: Tensor | None) -> Tensor:
+        g = self._cast(g)
         if w is None:
             return g
-        return g * w.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype)
+        shape = [1] * g.dim()
+        shape[self.batch_dim] = -1
+        return g * w.reshape(shape).to(g.dtype)
 
 
-def helper_for(module: nn.Module) -> tuple[LayerHelper | None, str]:
+def helper_for(
+    module: nn.Module, train_bias: bool = True, batch_dim: int = 0
+) -> tuple[LayerHelper | None, str]:
     """Return ``(helper, "")`` for a supported module, else ``(None, reason)``."""
     from ocnopt.layers.conv2d import Conv2dHelper
     from ocnopt.layers.linear import LinearHelper
 
     if isinstance(module, nn.Linear):
-        return LinearHelper(module), ""
+        return LinearHelper(module, train_bias, batch_dim), ""
     if isinstance(module, nn.Conv2d):
         reason = Conv2dHelper.unsupported_reason(module)
+        if not reason and batch_dim != 0:
+            reason = "Conv2d inputs are (N, C, H, W): batch_dim must be 0"
         if reason:
             return None, reason
-        return Conv2dHelper(module), ""
+        return Conv2dHelper(module, train_bias, batch_dim), ""
     return None, f"{type(module).__name__} has no Kronecker helper"

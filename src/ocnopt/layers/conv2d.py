@@ -40,13 +40,13 @@ class Conv2dHelper(LayerHelper):
             return "Conv2d with asymmetric padding='same'"
         return ""
 
-    def __init__(self, module: nn.Conv2d) -> None:
-        super().__init__(module)
+    def __init__(self, module: nn.Conv2d, train_bias: bool = True, batch_dim: int = 0) -> None:
+        super().__init__(module, train_bias, batch_dim)
         self._padding = _explicit_padding(module)
 
     def input_rows(self, x: Tensor) -> Tensor:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self._padding,
+        cols = F.unfold(self._cast(x), m.kernel_size, dilation=m.dilation, padding=self._padding,
                         stride=m.stride)
         a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B*L, C*kh*kw)
         if self.has_bias:
@@ -54,14 +54,14 @@ class Conv2dHelper(LayerHelper):
         return a
 
     def output_rows(self, g: Tensor) -> Tensor:
-        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        return self._cast(g).permute(0, 2, 3, 1).reshape(-1, g.shape[1])
 
     def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
         gw = self._reweight(g, w)
         # The kernel autograd itself uses (input gradient masked off).
         _, dw, db = torch.ops.aten.convolution_backward(
-            gw, x, m.weight, [m.out_channels] if self.has_bias else None,
+            gw, self._cast(x), m.weight, [m.out_channels] if self.has_bias else None,
             list(m.stride), list(self._padding), list(m.dilation),
             False, [0, 0], 1, [False, True, self.has_bias],
         )

@@ -1,4 +1,4 @@
-"""``nn.Linear``: ``h = a W^T + b`` over any number of leading dims (dim 0 = samples)."""
+"""``nn.Linear``: ``h = a W^T + b`` over any number of leading dims (samples along batch_dim)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ __all__ = ["LinearHelper"]
 
 class LinearHelper(LayerHelper):
     def input_rows(self, x: Tensor) -> Tensor:
-        a = x.reshape(-1, x.shape[-1])
+        a = self._cast(x).reshape(-1, x.shape[-1])
         if self.has_bias:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         return a
 
     def output_rows(self, g: Tensor) -> Tensor:
-        return g.reshape(-1, g.shape[-1])
+        return self._cast(g).reshape(-1, g.shape[-1])
 
     def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         g2 = self._reweight(g, w).reshape(-1, g.shape[-1])
-        a2 = x.reshape(-1, x.shape[-1])
+        a2 = self._cast(x).reshape(-1, x.shape[-1])
         # Bitwise autograd's weight gradient when w = 1 (tested), and contiguous: a transposed
         # result would make every later elementwise update several times slower.
         dw = g2.t().mm(a2)

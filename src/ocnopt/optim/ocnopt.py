@@ -1,107 +1,87 @@
 """The OCNOpt optimizer: a curvature-preconditioned step with a layer-wise feedback policy.
 
-Per step (``step(closure)`` with ``feedback=True``)::
+The class is the orchestrator: validation, param groups, checkpoints and the order of a step.
+The math lives elsewhere: per-tensor kernels in :mod:`ocnopt.optim.functional`, Kronecker
+curvature in :mod:`ocnopt.curvature`, per-layer factor rows and weight gradients in
+:mod:`ocnopt.layers`, the feedback weights in :mod:`ocnopt.feedback`, hooks in
+:mod:`ocnopt.hooks`, all-or-nothing bookkeeping in :mod:`ocnopt.optim.transaction`.
 
-    first pass   loss = closure(); backward for the layers' output gradients g_t and input
-                 gradients p_t (weight gradients of Linear/Conv2d layers are NOT computed here)
-    curvature    Kronecker factors / eigenbases updated on schedule
-    open loop    parameters without a layer helper (and layers run more than once) are updated
+A step with ``feedback=True`` (``step(closure)``)::
+
+    first pass   loss = closure(); one backward for the layers' output gradients g_t and input
+                 gradients p_t (OCNOpt's own autograd.grad, or the closure's loss.backward())
+    curvature    Kronecker factors / eigenbases updated on each layer's schedule
+    open loop    parameters without feedback (outside Linear/Conv2d layers, shared, ...) updated
     second pass  closure() again under no_grad, same dropout masks; just before layer t runs:
                    s_i = feedback_scale * <B p_t_i, xhat_t_i - x_t_i>
-                   d_t = sum_i (1 + s_i) q_t_i      (= G^T diag(1+s) A: one weight gradient)
+                   d_t = sum_i (1 + s_i) q_t_i      (= G^T diag(1+s) A / B: one weight gradient)
                    u_t <- u_t - lr * M^-1 (d_t + weight decay)   via the base optimizer's rule
-
-``d_t`` replaces the gradient everywhere in the base optimizer (moments, second-moment
-statistics, EKFAC eigenvalues), so ``feedback_scale=0`` is exactly the base optimizer and the
-first pass needs no weight gradients (one extra forward + one weight gradient per layer).
+    commit       only if every new parameter, state tensor and factor is finite; otherwise (or
+                 on any exception) everything is restored bitwise and the step is counted.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from ocnopt.curvature.kronecker import (
-    Eigenbasis,
-    Projection,
-    ekfac_init,
-    kfac_scale,
-    refresh_eigenbasis,
-    rows_factor,
-)
-from ocnopt.hooks import FeedbackPass, ForwardCapture, LayerRecord
+from ocnopt.curvature.layer_state import KRONECKER, refresh_due
+from ocnopt.curvature.layer_state import STATE_KEYS as KRONECKER_STATE_KEYS
+from ocnopt.feedback import feedback_terms, momentum_gain_correction, sample_weights
+from ocnopt.hooks import FeedbackPass, ForwardCapture, LayerRecord, batchnorm_buffers
 from ocnopt.layers import LayerHelper, helper_for
-from ocnopt.optim.functional import adam_update, momentum_update, rmsprop_update, sgd_update
+from ocnopt.optim.config import (
+    ALL_KEYS,
+    COMMON_DEFAULTS,
+    CURVATURE_DEFAULTS,
+    CURVATURES,
+    check,
+    coerce_group,
+    validate_group,
+)
+from ocnopt.optim.functional import (
+    STATE_KEYS,
+    adam_update,
+    momentum_update,
+    rmsprop_update,
+    sgd_update,
+)
+from ocnopt.optim.transaction import StepTransaction, all_finite
 
-__all__ = ["OCNOpt", "CURVATURES"]
+__all__ = ["OCNOpt", "CURVATURES", "SKIP_WARN_EVERY"]
 
 log = logging.getLogger(__name__)
 
-CURVATURES = ("identity", "rmsprop", "adam", "kfac", "ekfac")
-_KRONECKER = ("kfac", "ekfac")
-_GLOBAL = "ocnopt"  # key of the optimizer-wide counters in ``self.state``
+#: While every step is being skipped, the skip warning is repeated every this many skips.
+SKIP_WARN_EVERY = 100
+_FORMAT = 2  # version of the "ocnopt" entry of state_dict()
+_BASE_RULE = {"identity": "sgd", "rmsprop": "rmsprop", "adam": "adam", "kfac": "sgd",
+              "ekfac": "sgd"}
 
 
 @dataclass
 class _Layer:
+    """A Linear/Conv2d layer that gets the feedback policy (and Kronecker curvature)."""
+
     name: str
     helper: LayerHelper
-    group: dict[str, Any]
+    wgroup: dict[str, Any]
+    bgroup: dict[str, Any] | None
 
-
-def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid {name}={value!r}: allowed range is {allowed}")
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    """Raise ValueError naming the allowed range for every invalid hyperparameter."""
-    r = _is_real
-    _check("lr", group["lr"], r(group["lr"]) and group["lr"] >= 0, "a finite float >= 0")
-    fs = group["feedback_scale"]
-    _check("feedback_scale", fs, r(fs) and fs >= 0, "a finite float >= 0")
-    fc = group["feedback_clip"]
-    _check("feedback_clip", fc, fc is None or (r(fc) and fc >= 0), "None or a finite float >= 0")
-    m = group["momentum"]
-    _check("momentum", m, r(m) and 0 <= m < 1, "0 <= momentum < 1")
-    dp = group["dampening"]
-    _check("dampening", dp, r(dp) and 0 <= dp <= 1, "0 <= dampening <= 1")
-    if group["nesterov"] and (m <= 0 or dp != 0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
-    wd = group["weight_decay"]
-    _check("weight_decay", wd, r(wd) and wd >= 0, "a finite float >= 0")
-    a = group["alpha"]
-    _check("alpha", a, r(a) and 0 <= a <= 1, "0 <= alpha <= 1")
-    betas = group["betas"]
-    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
-        r(b) and 0 <= b < 1 for b in betas
-    )
-    _check("betas", betas, ok, "a pair (beta1, beta2) with 0 <= beta < 1")
-    _check("eps", group["eps"], r(group["eps"]) and group["eps"] >= 0, "a finite float >= 0")
-    dm = group["damping"]
-    _check("damping", dm, r(dm) and dm > 0, "a finite float > 0")
-    fd = group["factor_decay"]
-    _check("factor_decay", fd, r(fd) and 0 <= fd < 1, "0 <= factor_decay < 1")
-    ed = group["eigenvalue_decay"]
-    _check("eigenvalue_decay", ed, r(ed) and 0 <= ed < 1, "0 <= eigenvalue_decay < 1")
-    mr = group["max_rank"]
-    _check("max_rank", mr, mr is None or (isinstance(mr, int) and mr >= 1), "None or an int >= 1")
-    fl = group["fallback_lr"]
-    _check("fallback_lr", fl, fl is None or (r(fl) and fl >= 0), "None or a finite float >= 0")
+    @property
+    def params(self) -> list[Tensor]:
+        h = self.helper
+        return [h.weight] + ([h.bias] if h.bias is not None else [])
 
 
 class _RngReplay:
@@ -121,6 +101,21 @@ class _RngReplay:
             yield
 
 
+class _Skip(Exception):  # noqa: N818 - internal control flow
+    """A step is abandoned (everything rolled back); ``reason`` is counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _FirstPass:
+    loss: Any  # what the closure returned (tensor or float)
+    param_grads: dict[Tensor, Tensor]
+    records: dict[nn.Module, LayerRecord]
+
+
 class OCNOpt(Optimizer):
     """Optimal-control-theoretic second-order optimizer with layer-wise feedback (DDPNOpt/OCNOpt).
 
@@ -137,32 +132,43 @@ class OCNOpt(Optimizer):
         feedback_clip: optional trust region on the feedback: each per-sample term ``s_i`` is
             clamped to ``[-clip, clip]`` (``clip=1`` keeps every sample weight ``1 + s_i`` in
             ``[0, 2]``). ``None`` (default) is the exact DDP formula.
-        momentum, dampening, nesterov: ``torch.optim.SGD`` momentum, used by identity, kfac and
-            ekfac; rmsprop uses ``momentum`` as ``torch.optim.RMSprop`` does; must be 0 for adam.
         weight_decay: L2 coefficient ``gamma`` added to the direction (preconditioned for
             kfac/ekfac); ``decoupled_weight_decay=True`` gives AdamW for ``curvature="adam"``.
-        alpha, centered: ``torch.optim.RMSprop`` settings. betas, amsgrad: ``torch.optim.Adam``.
-        eps: epsilon of rmsprop/adam and of the adam-style fallback.
-        damping: Tikhonov damping added to the Kronecker eigenvalues (kfac/ekfac).
-        factor_decay: EMA decay of the Kronecker factors A, G.
-        eigenvalue_decay: EMA decay ``alpha`` of EKFAC's projected second moments (SNOpt 0.75).
-        max_rank: keep the top ``max_rank`` eigenvectors of every Kronecker factor wider than
-            that, with an isotropic remainder and warm-started refreshes (default 64: factors
-            up to 64 wide are exact; wide layers cost ``O(k d_out d_in)`` per step instead of
-            ``O((d_out + d_in) d_out d_in)``); ``None`` = exact eigenbases everywhere.
-        factor_update_freq: steps between Kronecker factor updates (needs captured activations).
-        update_freq: steps between eigenbasis refreshes (and EKFAC eigenvalue resets).
-        fallback_lr: learning rate of the adam-style diagonal used for parameters that are not
-            Kronecker-factored under kfac/ekfac (default: ``lr``).
-        params: optional iterable of parameters or param-group dicts (all from ``model``);
-            default: every parameter of ``model`` that requires grad.
+        maximize: maximise the objective instead (every curvature, feedback included).
+        foreach: accepted for torch.optim compatibility (``None``/``True``/``False``).
+        batch_dim: the sample axis of every layer input and output (0; 1 for sequence-first
+            models such as ``nn.Transformer*`` with ``batch_first=False``).
+
+    Curvature settings (each curvature takes only its own; others raise ``ValueError``):
+
+    * ``identity``: ``momentum``, ``dampening``, ``nesterov`` (``torch.optim.SGD``).
+    * ``rmsprop``: ``alpha``, ``eps``, ``momentum``, ``centered`` (``torch.optim.RMSprop``).
+    * ``adam``: ``betas``, ``eps``, ``amsgrad``, ``decoupled_weight_decay`` (``Adam``/``AdamW``).
+    * ``kfac``/``ekfac``: SGD momentum on the preconditioned direction (``momentum``,
+      ``dampening``, ``nesterov``); ``damping`` (Tikhonov term added to the Kronecker
+      eigenvalues), ``factor_decay`` (EMA of the factors A, G), ``eigenvalue_decay`` (ekfac:
+      EMA of the projected second moments, SNOpt's 0.75), ``max_rank`` (top eigenvectors kept
+      per factor wider than that, with an isotropic remainder; ``None`` = exact);
+      ``fallback_lr``/``fallback_betas``/``fallback_eps``: the Adam used for parameters outside
+      Kronecker-factored layers (``fallback_lr=None`` means ``lr``).
+
+    Schedules (optimizer-wide): ``factor_update_freq`` (steps between Kronecker factor
+    updates) and ``update_freq`` (steps between eigenbasis refreshes).
+
+    ``params``: optional iterable of parameters or param-group dicts (all from ``model``);
+    default: every parameter of ``model`` that requires grad.
 
     ``step(closure)``: ``closure()`` evaluates the model on the current minibatch and returns
-    the batch-MEAN loss without calling ``backward()``; with feedback it is called twice (the
-    second time under ``no_grad``, with the first call's RNG state). Without feedback the
-    classic ``loss.backward(); opt.step()`` loop also works (kfac/ekfac then need the forward
-    and backward inside ``with opt.capture():``).
+    the batch-MEAN loss, either without calling ``backward()`` (OCNOpt differentiates it) or
+    after calling it (the torch convention of ``LBFGS``); with feedback it is called twice, the
+    second time under ``no_grad`` with the first call's RNG state, and cut short (before the
+    loss and any ``backward()``) once the last layer is updated. ``step()`` without a closure
+    is the open-loop step of the classic ``loss.backward(); opt.step()`` loop (Kronecker
+    statistics are recorded by hooks that live as long as the optimizer; :meth:`close`
+    removes them).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -172,73 +178,103 @@ class OCNOpt(Optimizer):
         feedback: bool = True,
         feedback_scale: float = 1.0,
         *,
-        feedback_clip: float | None = None,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        alpha: float = 0.99,
-        centered: bool = False,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        amsgrad: bool = False,
-        decoupled_weight_decay: bool = False,
-        damping: float = 0.05,
-        factor_decay: float = 0.95,
-        eigenvalue_decay: float = 0.75,
-        max_rank: int | None = 64,
         factor_update_freq: int = 10,
         update_freq: int = 100,
-        fallback_lr: float | None = None,
+        batch_dim: int = 0,
         params: Iterable[Any] | None = None,
+        **hyperparameters: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"OCNOpt needs the model (nn.Module) first, got {type(model).__name__}")
         if curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {curvature!r}; valid: {', '.join(CURVATURES)}")
         for name, v in (("factor_update_freq", factor_update_freq), ("update_freq", update_freq)):
-            _check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "int >= 1")
-        if curvature == "adam" and momentum != 0:
-            raise ValueError("momentum must be 0 for curvature='adam' (use betas); got "
-                             f"{momentum!r}")
+            check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "int >= 1")
+        check("batch_dim", batch_dim, isinstance(batch_dim, int) and not isinstance(
+            batch_dim, bool), "an int (the sample axis of layer inputs)")
+        own = {**COMMON_DEFAULTS, **CURVATURE_DEFAULTS[curvature]}
+        for key in hyperparameters:
+            if key not in ALL_KEYS:
+                raise TypeError(f"OCNOpt got an unexpected keyword argument {key!r}")
+            if key not in own:
+                users = [c for c in CURVATURES if key in CURVATURE_DEFAULTS[c]]
+                raise ValueError(f"{key!r} is not a setting of curvature={curvature!r} (it "
+                                 f"belongs to {', '.join(users)}); "
+                                 f"{curvature!r} takes: {', '.join(sorted(own))}")
+        defaults = {**own, **hyperparameters, "lr": lr, "feedback_scale": feedback_scale}
         self.model = model
         self.curvature = curvature
         self.feedback = bool(feedback)
         self.factor_update_freq = factor_update_freq
         self.update_freq = update_freq
-        defaults = dict(
-            lr=lr, feedback_scale=feedback_scale, feedback_clip=feedback_clip, momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov, weight_decay=weight_decay, alpha=alpha, centered=centered,
-            betas=tuple(betas), eps=eps, amsgrad=amsgrad,
-            decoupled_weight_decay=decoupled_weight_decay, damping=damping,
-            factor_decay=factor_decay, eigenvalue_decay=eigenvalue_decay, max_rank=max_rank,
-            fallback_lr=fallback_lr,
-        )
+        self.batch_dim = batch_dim
+        self._rule = _BASE_RULE[curvature]
+        self._kron = KRONECKER.get(curvature)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         self._initialised = False
         super().__init__(params, defaults)
-        self.state[_GLOBAL] = {"step": 0, "skipped_steps": 0, "nonfinite_feedback": 0,
-                               "eigh_failures": 0}
-        self._in_skip_burst = False
-        self._pending: dict[nn.Module, LayerRecord] | None = None
-        self._records: dict[nn.Module, LayerRecord] = {}
-        self._feedback_left = 0  # layers still to update in the running feedback pass
+        self._counters: dict[str, Any] = {
+            "step": 0, "skipped_steps": 0, "skip_reasons": Counter(), "nonfinite_feedback": 0,
+            "eigh_failures": 0}
+        self._skip_burst = 0
         self._warned: set[str] = set()
+        self._records: dict[nn.Module, LayerRecord] = {}
+        self._txn: StepTransaction | None = None
+        self._feedback_left = 0
+        self._nonfinite_s: list[Tensor] = []
+        self._stats: ForwardCapture | None = None
+        self._check_model()
         self._build_layers()
         self._initialised = True
 
     # ------------------------------------------------------------------ set-up
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for p in param_group["params"] if isinstance(param_group.get("params"), (list, tuple)) \
+                else []:
+            self._check_param(p)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
         try:
-            _validate_group(self.param_groups[-1])
+            extra = set(group) - set(self.defaults) - {"params", "param_names"}
+            if extra:
+                raise ValueError(f"param group keys {sorted(extra)} are not settings of "
+                                 f"curvature={self.curvature!r}")
+            coerce_group(group)
+            validate_group(group)
         except ValueError:
             self.param_groups.pop()
             raise
-        if getattr(self, "_initialised", False):
+        if self._initialised:
             self._build_layers()
+
+    @staticmethod
+    def _check_param(p: Any) -> None:
+        if isinstance(p, Tensor) and p.is_complex():
+            raise ValueError("OCNOpt does not support complex parameters (the curvatures and "
+                             "the feedback assume real ones); view them as real with "
+                             "torch.view_as_real or keep them in a torch.optim optimizer")
+
+    def _check_model(self) -> None:
+        """Refuse what cannot be trained correctly, before anything moves."""
+        optimized = {p for g in self.param_groups for p in g["params"]}
+        for name, m in self.model.named_modules():
+            if getattr(m, "sparse", False) is True and getattr(m, "weight", None) in optimized:
+                raise ValueError(f"module {name!r} produces sparse gradients (sparse=True), which "
+                                 "OCNOpt does not support; construct it with sparse=False")
+        if self.feedback and hasattr(self.model, "_orig_mod"):
+            raise ValueError("torch.compile(model) with feedback=True is not supported: the "
+                             "feedback pass hooks every layer between compiled regions; pass "
+                             "the uncompiled model (compile its submodules instead) or use "
+                             "feedback=False")
+        if self.feedback and self.batch_dim == 0:
+            seq_first = [n for n, m in self.model.named_modules()
+                         if getattr(m, "batch_first", True) is False]
+            if seq_first:
+                self._warn_once("batch_first", "modules with batch_first=False: "
+                                + ", ".join(seq_first) + "; their layer inputs are "
+                                "(sequence, batch, ...) but the feedback takes dim 0 as the "
+                                "sample axis: pass batch_dim=1", stacklevel=4)
 
     def _build_layers(self) -> None:
         group_of: dict[Tensor, dict[str, Any]] = {}
@@ -249,243 +285,397 @@ class OCNOpt(Optimizer):
         unknown = [p for p in group_of if p not in names]
         if unknown:
             raise ValueError(f"{len(unknown)} optimized parameter(s) do not belong to the model")
+        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        functional_owners = {id(m) for mha in self.model.modules()
+                             if isinstance(mha, nn.MultiheadAttention) for m in mha.children()}
         self._layers: dict[nn.Module, _Layer] = {}
-        claimed: dict[Tensor, nn.Module] = {}
         unsupported: list[str] = []
         for mname, module in self.model.named_modules():
             weight = getattr(module, "weight", None)
             if not isinstance(weight, Tensor) or weight not in group_of:
                 continue
-            helper, reason = helper_for(module)
+            bias = getattr(module, "bias", None)
+            train_bias = isinstance(bias, Tensor) and bias in group_of and bias.requires_grad
+            label = mname or type(module).__name__
+            helper, reason = helper_for(module, train_bias, self.batch_dim)
             if helper is None:
                 if isinstance(module, (nn.Linear, nn.Conv2d)) or "Conv" in type(module).__name__:
-                    unsupported.append(f"{mname or type(module).__name__} ({reason})")
+                    unsupported.append(f"{label} ({reason})")
                 continue
-            tensors = [helper.weight] + ([helper.bias] if helper.has_bias else [])
-            if any(t in claimed for t in tensors):
-                other = next(claimed[t] for t in tensors if t in claimed)
-                self._layers.pop(other, None)
-                unsupported.append(f"{mname} (shares parameters with another layer)")
+            if not weight.requires_grad:
                 continue
-            group = group_of[helper.weight]
-            if helper.has_bias and helper.bias in group_of and group_of[helper.bias] is not group:
-                raise ValueError(f"layer {mname!r}: weight and bias must share a param group")
-            for t in tensors:
-                claimed[t] = module
-            self._layers[module] = _Layer(mname, helper, group)
-        self._layer_params = {t for lay in self._layers.values()
-                              for t in (lay.helper.weight, lay.helper.bias) if t is not None}
+            if id(module) in functional_owners:
+                unsupported.append(f"{label} (its weights are used functionally by "
+                                   "nn.MultiheadAttention; its forward never runs)")
+                continue
+            if any(uses[id(t)] > 1 for t in (weight, bias) if isinstance(t, Tensor)):
+                unsupported.append(f"{label} (its parameters are shared with another module)")
+                continue
+            bgroup = group_of[bias] if train_bias else None
+            wgroup = group_of[weight]
+            if bgroup is not None and bgroup["maximize"] != wgroup["maximize"]:
+                raise ValueError(f"layer {label!r}: weight and bias must agree on maximize")
+            self._layers[module] = _Layer(label, helper, wgroup, bgroup)
+        self._layer_of = {t: lay for lay in self._layers.values() for t in lay.params}
+        self._layer_params = set(self._layer_of)
         self._other_params = [p for p in group_of if p not in self._layer_params]
         self._group_of = group_of
-        self._bn_modules = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
+        self._param_names = names
+        self._bn_buffers = batchnorm_buffers(self.model)
         self._devices = sorted({p.device.index or 0 for p in group_of if p.device.type == "cuda"})
-        kron = self.curvature in _KRONECKER
         if unsupported:
-            self._warn_once("unsupported", "modules without a Kronecker/feedback helper: "
+            self._warn_once("unsupported", "modules without the Kronecker/feedback path: "
                             + "; ".join(unsupported), stacklevel=4)
+        kron = self._kron is not None
         if self._other_params and (kron or self.feedback):
             how = " and ".join(s for s, on in (
-                ("use the adam-style diagonal curvature", kron),
+                ("use the adam-style diagonal curvature (fallback_lr)", kron),
                 ("get open-loop updates (no layer-wise feedback)", self.feedback)) if on)
             listed = ", ".join(names[p] for p in self._other_params)
             self._warn_once("fallback", f"parameters outside supported Linear/Conv2d layers {how}:"
                             f" {listed}", stacklevel=4)
+        if self._stats is not None:
+            self._stats.close()
+            self._stats = None
+        if kron and self._layers:  # statistics for the classic backward(); step() loop
+            self._stats = ForwardCapture(self._layers, input_grads=False,
+                                         global_hooks=True).__enter__()
+            self._stats.active = any(self._factors_due(lay) for lay in self._layers.values())
+            self._finalizer = weakref.finalize(self, self._stats.close)
+
+    def close(self) -> None:
+        """Remove the statistics hooks of the classic loop (kfac/ekfac); idempotent."""
+        if self._stats is not None:
+            self._stats.close()
+            self._stats = None
 
     def _warn_once(self, key: str, msg: str, stacklevel: int = 3) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
-            log.info(msg)  # the RuntimeWarning is the user-facing channel
 
     # ------------------------------------------------------------------ public helpers
     @property
     def num_steps(self) -> int:
         """Number of applied (not skipped) steps."""
-        return int(self.state[_GLOBAL]["step"])
+        return int(self._counters["step"])
 
     @property
     def skipped_steps(self) -> int:
-        """Number of steps skipped because the loss or a gradient was NaN/Inf."""
-        return int(self.state[_GLOBAL]["skipped_steps"])
+        """Number of skipped steps (all reasons; see :attr:`skip_reasons`)."""
+        return int(self._counters["skipped_steps"])
+
+    @property
+    def skip_reasons(self) -> dict[str, int]:
+        """Skipped steps per reason: ``nonfinite_loss``, ``nonfinite_gradient``,
+        ``nonfinite_factor``, ``nonfinite_update`` (a new parameter or state entry),
+        ``exception`` (the closure raised), ``grad_scaler`` (the AMP scaler found inf)."""
+        return dict(self._counters["skip_reasons"])
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        """Counters: applied/skipped steps, skip reasons, non-finite feedback terms replaced
+        by 0, failed eigendecompositions."""
+        c = dict(self._counters)
+        c["skip_reasons"] = dict(c["skip_reasons"])
+        return c
 
     @property
     def layer_names(self) -> list[str]:
         """Names of the modules that get feedback / Kronecker curvature, in registration order."""
         return [lay.name for lay in self._layers.values()]
 
-    def _factors_due(self) -> bool:
-        if self.curvature not in _KRONECKER or not self._layers:
-            return False
-        k = self.state[_GLOBAL]["step"]
-        return k % self.factor_update_freq == 0 or k % self.update_freq == 0 or any(
-            "in_vectors" not in self.state[lay.helper.weight] for lay in self._layers.values())
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._stats is not None:
+            self._stats.reset()
 
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        """Record layer activations/gradients for the classic ``backward(); step()`` loop.
-
-        Only needed for ``kfac``/``ekfac`` without a closure; a no-op on steps that do not
-        update the Kronecker factors. Hooks are removed when the block exits.
-        """
-        if not self._factors_due():
-            yield
-            return
-        with ForwardCapture(self._layers) as cap:
-            yield
-        self._pending = cap.records
+    # ------------------------------------------------------------------ schedules
+    def _factors_due(self, lay: _Layer) -> bool:
+        st = self.state.get(lay.helper.weight, {})
+        k = st.get("kron_step", 0)
+        return k % self.factor_update_freq == 0 or refresh_due(
+            k, self.update_freq, "in_vectors" in st)
 
     # ------------------------------------------------------------------ step
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Tensor] | None = None
-    ) -> Tensor | None:
-        """Perform one optimization step; returns the (first-pass) loss of ``closure``."""
-        try:
-            if closure is None:
-                return self._step_from_grads()
-            return self._step_with_closure(closure)
-        finally:
-            self._records = {}
-            self._pending = None
+        self, closure: Callable[[], Any] | None = None, grad_scaler: Any = None
+    ) -> Any:
+        """Perform one optimization step; returns the (first-pass) loss of ``closure``.
 
-    def _step_from_grads(self) -> None:
-        if self.feedback and self._layers:
-            raise RuntimeError(
-                "feedback=True needs opt.step(closure) (closure returns the loss WITHOUT calling "
-                "backward); use feedback=False for the classic loss.backward(); opt.step() loop")
-        records = self._pending or {}
-        if self._factors_due() and not records:
-            raise RuntimeError(
-                f"curvature={self.curvature!r} needs layer statistics on this step: call "
-                "opt.step(closure), or run forward and backward inside `with opt.capture():`")
+        ``grad_scaler`` is passed by ``torch.amp.GradScaler.step`` (do not pass it yourself).
+        """
+        if closure is None:
+            return self._classic_step(grad_scaler)
+        return self._closure_step(closure, grad_scaler)
+
+    # ..................................................................... classic loop
+    def _classic_step(self, scaler: Any) -> None:
         grads = {p: p.grad for p in self._group_of if p.grad is not None}
-        if not self._all_finite(list(grads.values()), records):
+        if not grads:
             return None
-        with torch.no_grad():
-            if records:
-                self._update_curvature(records)
-            self._open_loop(grads, self._other_params + list(self._layer_params))
-            self.state[_GLOBAL]["step"] += 1
+        if any(g.is_sparse for g in grads.values()):
+            raise ValueError("OCNOpt does not support sparse gradients (nothing was updated)")
+        if self.feedback and self._layers:
+            self._warn_once("classic_feedback", "feedback=True needs opt.step(closure); "
+                            "step() without a closure takes the open-loop step")
+        inv_scale = 1.0
+        if scaler is not None:
+            found = scaler._found_inf_per_device(self)
+            if not found:
+                scaler.unscale_(self)  # unscales p.grad in place, records its inf checks
+                found = scaler._found_inf_per_device(self)
+            if sum(float(v) for v in found.values()):
+                self._skip("grad_scaler")
+                return None
+            inv_scale = 1.0 / float(scaler.get_scale())
+        records = ({m: r for m, r in self._stats.records.items() if r.calls}
+                   if self._stats is not None else {})
+        txn = StepTransaction()
+        try:
+            with torch.no_grad():
+                if not all_finite(grads.values()):
+                    raise _Skip("nonfinite_gradient")
+                self._update_curvature(records, txn, inv_scale)
+                if not txn.all_finite():
+                    raise _Skip("nonfinite_factor")
+                self._refresh(list(records), txn)
+                self._open_loop(grads, self._other_params + list(self._layer_params), txn)
+                if not txn.all_finite():
+                    raise _Skip("nonfinite_update")
+                self._commit(txn)
+        except _Skip as skip:
+            txn.rollback()
+            self._skip(skip.reason)
+        except BaseException:
+            txn.rollback()
+            self._count_skip("exception")
+            raise
+        finally:
+            self._end_step()
         return None
 
-    def _step_with_closure(self, closure: Callable[[], Tensor]) -> Tensor:
+    # ..................................................................... closure loop
+    def _closure_step(self, closure: Callable[[], Any], scaler: Any) -> Any:
         feedback = self.feedback and bool(self._layers)
-        factors_due = self._factors_due()
-        watch = list(self._layers) if (feedback or factors_due) else []
+        due = [m for m, lay in self._layers.items() if self._kron and self._factors_due(lay)]
+        watch = list(self._layers) if (feedback or due) else []
         rng = _RngReplay(self._devices) if feedback else None
-        with ForwardCapture(watch) as cap, torch.enable_grad():
-            loss = closure()
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError("closure must return the scalar batch-mean loss tensor "
-                                "(without calling backward())")
-            targets, roles = self._grad_targets(cap.records, feedback)
-            grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
-        records = cap.records
-        param_grads: dict[Tensor, Tensor] = {}
-        input_grads: dict[int, Tensor] = {}
-        anchors: list[Tensor] = []
-        for t, role, gr in zip(targets, roles, grads, strict=True):
-            if gr is None:
-                continue
-            if role == "param":
-                param_grads[t] = gr
-            elif role == "input":
-                input_grads[id(t)] = gr
+        txn = StepTransaction(self._bn_buffers)
+        self._txn = txn
+        if self._stats is not None:
+            self._stats.active = False
+        loss: Any = None
+        try:
+            first = self._first_pass(closure, watch, feedback, scaler)
+            loss = first.loss
+            with torch.no_grad():
+                self._check_first_pass(first)
+                self._update_curvature({m: first.records[m] for m in due if m in first.records},
+                                       txn, 1.0)
+                if not txn.all_finite():
+                    raise _Skip("nonfinite_factor")
+                self._refresh(due, txn)
+                if feedback:
+                    self._feedback_step(closure, first, rng, txn)
+                else:
+                    self._open_loop(first.param_grads, list(self._group_of), txn)
+                if not txn.all_finite():
+                    raise _Skip("nonfinite_update")
+                if scaler is not None:
+                    self._record_scaler_inf(scaler, False)
+                self._commit(txn)
+        except _Skip as skip:
+            txn.rollback()
+            reason = skip.reason
+            if scaler is not None and reason != "nonfinite_update":
+                self._record_scaler_inf(scaler, True)
+                reason = "grad_scaler"  # routine under AMP: the scaler lowers its scale
+            self._skip(reason)
+        except BaseException:
+            txn.rollback()
+            self._count_skip("exception")
+            raise
+        finally:
+            self._end_step()
+        return loss.detach() if isinstance(loss, Tensor) else loss
+
+    def _check_first_pass(self, first: _FirstPass) -> None:
+        """Skip the step on a non-finite loss or first-pass gradient (nothing has moved yet)."""
+        loss = first.loss
+        if not all_finite([loss if isinstance(loss, Tensor) else torch.tensor(float(loss))]):
+            raise _Skip("nonfinite_loss")
+        captured = [g for rec in first.records.values() for g in rec.grads + rec.input_grads
+                    if g is not None]
+        if not all_finite([*first.param_grads.values(), *captured]):
+            raise _Skip("nonfinite_gradient")
+
+    def _end_step(self) -> None:
+        self._records = {}
+        self._txn = None
+        self._nonfinite_s = []
+        if self._stats is not None:
+            self._stats.reset()
+            self._stats.active = any(self._factors_due(lay) for lay in self._layers.values())
+
+    def _grad_signature(self) -> list[Any]:
+        """The current ``.grad`` objects (held, so their ids cannot be reused) and versions."""
+        return [(p.grad, p.grad._version) if p.grad is not None else None
+                for p in self._group_of]
+
+    def _first_pass(
+        self, closure: Callable[[], Any], watch: list[nn.Module], feedback: bool, scaler: Any
+    ) -> _FirstPass:
+        """Run the closure with gradients on and collect everything the step needs."""
+        before = self._grad_signature()
+        scale = 1.0
+        if scaler is not None:
+            if scaler._per_optimizer_states[id(self)]["found_inf_per_device"]:
+                raise RuntimeError("do not call scaler.unscale_(optimizer) inside or before a "
+                                   "closure step: OCNOpt unscales itself (clip with "
+                                   "max_grad_norm)")
+            scale = float(scaler.get_scale())
+        with ForwardCapture(watch, input_grads=feedback) as cap, torch.enable_grad():
+            out = closure()
+            after = self._grad_signature()
+            user_backward = cap.fired or any(
+                a is not b and (a is None or b is None or a[0] is not b[0] or a[1] != b[1])
+                for a, b in zip(before, after, strict=True))
+            if user_backward:  # torch convention: the closure called loss.backward()
+                param_grads = {p: p.grad for p in self._group_of if p.grad is not None}
             else:
-                anchors.append(gr)
-        checks = [loss.detach(), *param_grads.values(), *input_grads.values(), *anchors]
-        if not self._all_finite(checks, records):
-            return loss.detach()
-        self._records = records
-        with torch.no_grad():
-            if factors_due:
-                self._update_curvature(records)
-            for p, gr in param_grads.items():
-                p.grad = gr
-            if not feedback:
-                self._open_loop(param_grads, list(self._group_of))
-            else:
-                multi = [m for m, r in records.items() if r.calls > 1]
-                for m in multi:
-                    self._warn_once(f"multi:{self._layers[m].name}",
-                                    f"layer {self._layers[m].name!r} ran {records[m].calls} times "
-                                    "in one forward; it gets the open-loop update (no feedback)")
-                open_params = self._other_params + [
-                    t for m in multi for t in (self._layers[m].helper.weight,
-                                               self._layers[m].helper.bias) if t is not None]
-                self._open_loop(param_grads, open_params)
-                for rec in records.values():
-                    if rec.calls == 1 and id(rec.inputs[0]) in input_grads:
-                        rec.input_grad = input_grads[id(rec.inputs[0])]
-                single = [m for m, r in records.items() if r.calls == 1]
-                self._feedback_left = sum(records[m].grads[0] is not None for m in single)
-                assert rng is not None
-                with FeedbackPass(self._bn_modules, single, self._feedback_input), rng.replay():
-                    closure()
-                for m in single:
-                    rec = records[m]
-                    if not rec.visited and rec.grads[0] is not None:
-                        lay = self._layers[m]
-                        self._warn_once(f"unvisited:{lay.name}", f"layer {lay.name!r} did not run "
-                                        "in the feedback pass; it gets the open-loop update")
-                        dw, db = lay.helper.weight_grad(rec.inputs[0], rec.grads[0], None)
-                        self._update_layer(lay, dw, db)
-            self.state[_GLOBAL]["step"] += 1
-        return loss.detach()
+                loss = self._loss_tensor(out)
+                targets, roles = self._grad_targets(cap.records, feedback)
+                scaled = loss * scale if scale != 1.0 else loss
+                grads = torch.autograd.grad(scaled, targets, allow_unused=True) if targets else ()
+                param_grads = {t: g for t, r, g in zip(targets, roles, grads, strict=True)
+                               if r == "param" and g is not None}
+        del before, after
+        if any(g.is_sparse for g in param_grads.values()):
+            raise ValueError("OCNOpt does not support sparse gradients (nothing was updated)")
+        records = {m: r for m, r in cap.records.items() if r.calls}
+        if scale != 1.0:
+            inv = 1.0 / scale
+            param_grads = {p: g * inv for p, g in param_grads.items()}
+            for rec in records.values():
+                rec.grads = [None if g is None else g * inv for g in rec.grads]
+                rec.input_grads = [None if g is None else g * inv for g in rec.input_grads]
+        return _FirstPass(out, param_grads, records)
+
+    @staticmethod
+    def _loss_tensor(out: Any) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"the closure returned {type(out).__name__} without calling backward(): return "
+                "the scalar batch-mean loss tensor (OCNOpt differentiates it), or call "
+                "loss.backward() inside the closure (torch convention)")
+        if out.numel() != 1:
+            raise ValueError(f"the closure must return the scalar batch-mean loss; got shape "
+                             f"{tuple(out.shape)}")
+        if not out.requires_grad:
+            raise ValueError("the closure returned a loss that does not require grad (detached, "
+                             "or computed under torch.no_grad()): OCNOpt cannot differentiate it")
+        return out
 
     def _grad_targets(
         self, records: dict[nn.Module, LayerRecord], feedback: bool
     ) -> tuple[list[Tensor], list[str]]:
-        """Tensors to differentiate in the first pass, and their roles ("param"/"input")."""
+        """Tensors to differentiate in the first pass, and their roles.
+
+        ``param``: parameters updated open loop from their gradient. ``flow``: layer inputs (or,
+        for a data input, the cheapest parameter of the layer) requested only so that the
+        backward reaches every layer and fires its gradient hooks.
+        """
         if not feedback:
             ps = [p for p in self._group_of if p.requires_grad]
             return ps, ["param"] * len(ps)
         targets: list[Tensor] = [p for p in self._other_params if p.requires_grad]
         roles = ["param"] * len(targets)
         seen: set[int] = set()
-        for m, rec in records.items():
-            helper = self._layers[m].helper
-            if rec.calls == 0:
-                continue
-            if rec.calls > 1:
-                extra = [helper.weight] + ([helper.bias] if helper.has_bias else [])
-                targets += extra
-                roles += ["param"] * len(extra)
+        for m, lay in self._layers.items():
+            rec = records[m]
+            if rec.calls != 1:  # not run (weights used elsewhere?) or run several times
+                targets += lay.params
+                roles += ["param"] * len(lay.params)
                 continue
             x = rec.inputs[0]
-            if x.requires_grad:
-                if id(x) not in seen:  # p_t: needed for the feedback; also makes g_t flow
-                    seen.add(id(x))
-                    targets.append(x)
-                    roles.append("input")
-            else:  # data input: request the cheapest parameter gradient so g_t is computed
-                targets.append(helper.bias if helper.has_bias else helper.weight)
-                roles.append("anchor")
+            flow = x if x.requires_grad else lay.params[-1]
+            if id(flow) not in seen:
+                seen.add(id(flow))
+                targets.append(flow)
+                roles.append("flow")
         return targets, roles
 
-    def _all_finite(self, tensors: list[Tensor], records: dict[nn.Module, LayerRecord]) -> bool:
-        """True if everything is finite; otherwise count/warn the skipped step.
+    def _record_scaler_inf(self, scaler: Any, found: bool) -> None:
+        """Tell the AMP scaler whether this closure step found inf/NaN (it backs off on it)."""
+        dev = next(iter(self._group_of)).device
+        state = scaler._per_optimizer_states[id(self)]
+        state["found_inf_per_device"] = {dev: torch.full((), float(found), device=dev)}
 
-        One reduction per tensor: NaN/Inf propagate into its sum (a finite tensor whose sum
-        overflows float range also counts as non-finite; such a step would be destructive).
-        """
-        for rec in records.values():
-            tensors = tensors + [g for g in rec.grads if g is not None]
-        ok = not tensors or bool(torch.isfinite(torch.stack([t.sum() for t in tensors]).sum()))
-        g = self.state[_GLOBAL]
-        if ok:
-            self._in_skip_burst = False
-            return True
-        g["skipped_steps"] += 1
-        if not self._in_skip_burst:
-            msg = (f"OCNOpt: non-finite loss or gradient at step {g['step']}; step skipped "
-                   f"(parameters and optimizer state unchanged; {g['skipped_steps']} skipped "
-                   "so far)")
+    # ..................................................................... skipping
+    def _count_skip(self, reason: str) -> None:
+        self._counters["skipped_steps"] += 1
+        self._counters["skip_reasons"][reason] += 1
+
+    def _skip(self, reason: str) -> None:
+        """Count a skipped step; warn at the start of a burst and every SKIP_WARN_EVERY skips."""
+        self._count_skip(reason)
+        if reason == "grad_scaler":  # routine under AMP: the scaler lowers its scale
+            return
+        self._skip_burst += 1
+        if self._skip_burst == 1 or self._skip_burst % SKIP_WARN_EVERY == 0:
+            c = self._counters
+            msg = (f"OCNOpt: step skipped ({reason.replace('_', ' ')}) at step {c['step']}: "
+                   f"parameters and optimizer state unchanged; {c['skipped_steps']} skipped so "
+                   f"far, {self._skip_burst} in a row")
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
             log.info(msg)  # the RuntimeWarning is the user-facing channel
-        self._in_skip_burst = True
-        return False
+
+    def _commit(self, txn: StepTransaction) -> None:
+        txn.commit(self.state)
+        if self._nonfinite_s:
+            self._counters["nonfinite_feedback"] += int(torch.stack(self._nonfinite_s).sum())
+        self._counters["step"] += 1
+        self._skip_burst = 0
 
     # ------------------------------------------------------------------ feedback pass
+    def _feedback_step(
+        self, closure: Callable[[], Any], first: _FirstPass, rng: _RngReplay | None,
+        txn: StepTransaction,
+    ) -> None:
+        records = first.records
+        open_params = list(self._other_params)
+        single: list[nn.Module] = []
+        for m, lay in self._layers.items():
+            rec = records.get(m)
+            if rec is None or rec.calls != 1:
+                if rec is not None:
+                    self._warn_once(f"multi:{lay.name}",
+                                    f"layer {lay.name!r} ran {rec.calls} times in one forward; "
+                                    "it gets the open-loop update (no feedback)")
+                elif any(p in first.param_grads for p in lay.params):
+                    self._warn_once(f"functional:{lay.name}",
+                                    f"layer {lay.name!r} has gradients but its forward never ran "
+                                    "(weights used functionally?); it gets the open-loop update")
+                open_params += lay.params
+            elif rec.grads[0] is not None:
+                single.append(m)
+        self._open_loop(first.param_grads, open_params, txn)
+        self._records = records
+        self._feedback_left = len(single)
+        if single:
+            assert rng is not None
+            with FeedbackPass(self._bn_buffers, single, self._feedback_input), rng.replay():
+                closure()
+        for m in single:
+            rec = records[m]
+            if not rec.visited:
+                lay = self._layers[m]
+                self._warn_once(f"unvisited:{lay.name}", f"layer {lay.name!r} did not run in "
+                                "the feedback pass; it gets the open-loop update")
+                dw, db = lay.helper.weight_grad(rec.inputs[0], rec.grads[0], None)  # type: ignore[arg-type]
+                self._apply_layer(lay, dw, db, txn)
+
     def _feedback_input(self, module: nn.Module, x_hat: Tensor) -> bool:
         """Update ``module`` from its second-pass input; True once every layer is updated."""
         rec = self._records.get(module)
@@ -494,176 +684,259 @@ class OCNOpt(Optimizer):
         rec.visited = True
         self._feedback_left -= 1
         lay = self._layers[module]
-        x = rec.inputs[0]
+        x, g, p = rec.inputs[0], rec.grads[0], rec.input_grads[0]
         if x._version != rec.versions[0]:
             raise RuntimeError(f"the input of layer {lay.name!r} was modified in place after the "
                                "layer ran; the feedback needs the first-pass input")
         w = None
-        if rec.input_grad is not None:
+        if p is not None:
             if x_hat.shape != x.shape:
                 raise RuntimeError(
                     f"layer {lay.name!r}: input shape {tuple(x_hat.shape)} in the feedback pass "
                     f"differs from {tuple(x.shape)}; the closure must re-evaluate the same batch")
-            batch = x.shape[0]
-            beta = lay.group["feedback_scale"] * self._momentum_gain_correction(lay.group)
-            s = (rec.input_grad * (x_hat - x)).reshape(batch, -1).sum(1).mul_(beta * batch)
-            bad = ~torch.isfinite(s)
-            if bool(bad.any()):
-                self.state[_GLOBAL]["nonfinite_feedback"] += int(bad.sum())
-                self._warn_once("nonfinite_feedback", "non-finite feedback terms s_i were "
-                                "replaced by 0 (those samples get the open-loop weight)")
-                s = torch.where(bad, torch.zeros_like(s), s)
-            clip = lay.group["feedback_clip"]
-            if clip is not None:
-                s = s.clamp_(-clip, clip)
-            w = s.add_(1.0)
-        dw, db = lay.helper.weight_grad(x, rec.grads[0], w)
-        self._update_layer(lay, dw, db)
+            group = lay.wgroup
+            batch = lay.helper.batch_size(x)
+            gain = momentum_gain_correction(self._rule, group.get("momentum", 0.0),
+                                            group.get("dampening", 0.0))
+            sign = -1.0 if group["maximize"] else 1.0
+            s = feedback_terms([p], [x_hat - x], self.batch_dim)
+            w, bad = sample_weights(s, scale=sign * group["feedback_scale"] * gain * batch,
+                                    clip=group["feedback_clip"])
+            self._nonfinite_s.append(bad)
+        dw, db = lay.helper.weight_grad(x, g, w)  # type: ignore[arg-type]
+        assert self._txn is not None
+        self._apply_layer(lay, dw, db, self._txn)
         return self._feedback_left == 0
 
-    def _momentum_gain_correction(self, group: dict[str, Any]) -> float:
-        """``(1 - momentum) / (1 - dampening)`` for accumulating (SGD/RMSprop) momentum, else 1.
-
-        A momentum buffer applies each direction with a total gain ``(1 - dampening) /
-        (1 - momentum)`` over the following steps, while the observed ``dx`` already contains
-        the upstream layers' momentum. Scaling the feedback term by the inverse gain makes its
-        accumulated effect that of one application, as in momentum-free DDP (without it the
-        corrections pile up roughly ``1/(1 - momentum)``-fold and training diverges). Adam's first
-        moment is a normalised EMA and needs no correction.
-        """
-        mu, damp = group["momentum"], group["dampening"]
-        if mu == 0 or self.curvature == "adam" or damp >= 1:
-            return 1.0
-        if self.curvature == "rmsprop":
-            return 1.0 - mu
-        return (1.0 - mu) / (1.0 - damp)
-
     # ------------------------------------------------------------------ updates
-    def _open_loop(self, grads: dict[Tensor, Tensor], params: list[Tensor]) -> None:
+    def _open_loop(self, grads: Mapping[Tensor, Tensor], params: list[Tensor],
+                   txn: StepTransaction) -> None:
         """Open-loop updates of ``params`` from their gradients (layers as a whole)."""
         wanted = set(params)
         for lay in self._layers.values():
             w, b = lay.helper.weight, lay.helper.bias
             if w in wanted and w in grads:
-                self._update_layer(lay, grads[w], grads.get(b) if b is not None else None)
+                self._apply_layer(lay, grads[w], grads.get(b) if b is not None else None, txn)
         for p in params:
             if p not in self._layer_params and p in grads:
-                self._diag_update(p, grads[p], self._group_of[p], fallback=True)
+                self._diag_update(p, grads[p], txn, fallback=self._kron is not None)
 
-    def _diag_update(self, p: Tensor, d: Tensor, group: dict[str, Any], fallback: bool) -> None:
-        state = self.state[p]
-        curv, lr = self.curvature, group["lr"]
-        if curv in _KRONECKER and fallback:  # parameters outside Kronecker layers
-            curv = "adam"
-            if group["fallback_lr"] is not None:
-                lr = group["fallback_lr"]
-        if curv == "identity":
-            sgd_update(p, d, state, lr=lr, momentum=group["momentum"],
-                       dampening=group["dampening"], nesterov=group["nesterov"],
-                       weight_decay=group["weight_decay"])
-        elif curv == "rmsprop":
-            rmsprop_update(p, d, state, lr=lr, alpha=group["alpha"], eps=group["eps"],
-                           weight_decay=group["weight_decay"], momentum=group["momentum"],
-                           centered=group["centered"])
+    def _diag_update(self, p: Tensor, d: Tensor, txn: StepTransaction, fallback: bool) -> None:
+        """Open-loop update of a parameter outside feedback layers from its loss gradient."""
+        group = self._group_of[p]
+        txn.set_grad(p, d)
+        self._rule_update(p, _clip(-d if group["maximize"] else d, group["max_grad_norm"]),
+                          txn, fallback)
+
+    def _rule_update(self, p: Tensor, d: Tensor, txn: StepTransaction, fallback: bool) -> None:
+        """Apply the per-tensor rule of ``p`` to the descent direction ``d``."""
+        group = self._group_of[p]
+        view = txn.view(p, self.state)
+        txn.touch(p)
+        if fallback:  # parameters outside Kronecker layers: Adam
+            lr = group["fallback_lr"] if group["fallback_lr"] is not None else group["lr"]
+            new = adam_update(p, d, view, lr=lr, betas=group["fallback_betas"],
+                              eps=group["fallback_eps"], weight_decay=group["weight_decay"],
+                              amsgrad=False, decoupled_weight_decay=False)
+        elif self._rule == "sgd":
+            new = sgd_update(p, d, view, lr=group["lr"], momentum=group["momentum"],
+                             dampening=group["dampening"], nesterov=group["nesterov"],
+                             weight_decay=group["weight_decay"])
+        elif self._rule == "rmsprop":
+            new = rmsprop_update(p, d, view, lr=group["lr"], alpha=group["alpha"],
+                                 eps=group["eps"], weight_decay=group["weight_decay"],
+                                 momentum=group["momentum"], centered=group["centered"])
         else:
-            adam_update(p, d, state, lr=lr, betas=group["betas"], eps=group["eps"],
-                        weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                        decoupled_weight_decay=group["decoupled_weight_decay"])
+            new = adam_update(p, d, view, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                              weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                              decoupled_weight_decay=group["decoupled_weight_decay"])
+        txn.stage(p, new)
 
-    def _update_layer(self, lay: _Layer, dw: Tensor, db: Tensor | None) -> None:
-        helper, group = lay.helper, lay.group
+    def _apply_layer(self, lay: _Layer, dw: Tensor, db: Tensor | None,
+                     txn: StepTransaction) -> None:
+        """Update one layer from its loss-gradient direction (weight- and bias-shaped)."""
+        helper = lay.helper
         w, b = helper.weight, helper.bias
-        w.grad = dw
+        wg, bg = lay.wgroup, lay.bgroup
+        txn.set_grad(w, dw)
         if b is not None and db is not None:
-            b.grad = db
-        if self.curvature not in _KRONECKER:
-            self._diag_update(w, dw, group, fallback=False)
+            txn.set_grad(b, db)
+        if wg["maximize"]:
+            dw, db = -dw, (None if db is None else -db)
+        if wg["max_grad_norm"] is not None:
+            dw, db = _clip_pair(dw, db, wg["max_grad_norm"])
+        if self._kron is None:
+            self._rule_update(w, dw, txn, fallback=False)
             if b is not None and db is not None:
-                self._diag_update(b, db, group, fallback=False)
+                self._rule_update(b, db, txn, fallback=False)
             return
-        wd = group["weight_decay"]
-        if wd != 0:
-            dw = dw.add(w, alpha=wd)
-            db = db.add(b, alpha=wd) if (b is not None and db is not None) else db
-        st = self.state[w]
-        out, inp = self._bases(st, helper)
-        proj = Projection(helper.to_matrix(dw, db), out, inp)
-        if self.curvature == "ekfac":
-            if "m2" not in st:
-                st["m2"] = ekfac_init(out, inp, st.get("locations", 1.0))
-            alpha = group["eigenvalue_decay"]
-            m2 = st["m2"]
-            m2.mul_(alpha).add_(proj.second_moments(), alpha=(1 - alpha) * st.get("batch_size", 1))
-            scale = (m2 + group["damping"]).reciprocal_()
-        else:
-            scale = kfac_scale(out, inp, st.get("locations", 1.0), group["damping"])
-        pw, pb = helper.from_matrix(proj.apply(scale))
-        kw = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                  nesterov=group["nesterov"])
-        momentum_update(w, pw, st, **kw)
-        if b is not None and pb is not None:
-            momentum_update(b, pb, self.state[b], **kw)
+        if wg["weight_decay"] != 0:
+            dw = dw.add(w, alpha=wg["weight_decay"])
+        if b is not None and db is not None and bg is not None and bg["weight_decay"] != 0:
+            db = db.add(b, alpha=bg["weight_decay"])
+        view = txn.view(w, self.state)
+        pm, entries = self._kron.precondition(view, helper.to_matrix(dw, db), wg)
+        entries["kron_step"] = view.get("kron_step", 0) + 1
+        txn.stage(w, entries)
+        pw, pb = helper.from_matrix(pm)
+        for p, d, g in ((w, pw, wg), (b, pb, bg)):
+            if p is None or d is None or g is None:
+                continue
+            txn.touch(p)
+            txn.stage(p, momentum_update(p, d, txn.view(p, self.state), lr=g["lr"],
+                                         momentum=g["momentum"], dampening=g["dampening"],
+                                         nesterov=g["nesterov"]))
 
     # ------------------------------------------------------------------ curvature
-    @staticmethod
-    def _bases(st: dict[str, Any], helper: LayerHelper) -> tuple[Eigenbasis, Eigenbasis]:
-        if "in_vectors" not in st:  # never refreshed: damping-only preconditioning
-            w = helper.weight
-            d_in = w[0].numel() + int(helper.has_bias)
-            return Eigenbasis.identity(w.shape[0], w), Eigenbasis.identity(d_in, w)
-        return (Eigenbasis(st["out_vectors"], st["out_values"], st["out_rest"]),
-                Eigenbasis(st["in_vectors"], st["in_values"], st["in_rest"]))
-
-    def _update_curvature(self, records: dict[nn.Module, LayerRecord]) -> None:
-        """Update Kronecker factors (EMA) and refresh eigenbases when due."""
-        if self.curvature not in _KRONECKER or not records:
+    def _update_curvature(self, records: Mapping[nn.Module, LayerRecord], txn: StepTransaction,
+                          inv_scale: float) -> None:
+        """Stage new Kronecker factors for the recorded layers whose statistics are due."""
+        if self._kron is None:
             return
-        k = self.state[_GLOBAL]["step"]
         for m, rec in records.items():
-            if rec.calls == 0 or any(g is None for g in rec.grads):
-                continue
             lay = self._layers[m]
-            st = self.state[lay.helper.weight]
-            batch = rec.inputs[0].shape[0]
+            if rec.calls == 0 or any(g is None for g in rec.grads) or not self._factors_due(lay):
+                continue
+            w = lay.helper.weight
+            batch = lay.helper.batch_size(rec.inputs[0])
             a = torch.cat([lay.helper.input_rows(x.detach()) for x in rec.inputs])
-            gr = torch.cat([lay.helper.output_rows(g) for g in rec.grads if g is not None])
-            fa, fg = rows_factor(a), rows_factor(gr, scale=float(batch))
-            rho = lay.group["factor_decay"]
-            if "A" in st:
-                st["A"].mul_(rho).add_(fa, alpha=1 - rho)
-                st["G"].mul_(rho).add_(fg, alpha=1 - rho)
-            else:
-                st["A"], st["G"] = fa, fg
-            st["batch_size"] = batch
-            st["locations"] = a.shape[0] / (batch * rec.calls)
-            if k % self.update_freq == 0 or "in_vectors" not in st:
-                self._refresh(lay, st)
+            g = torch.cat([lay.helper.output_rows(g) for g in rec.grads])  # type: ignore[arg-type]
+            if inv_scale != 1.0:
+                g = g * inv_scale
+            txn.stage(w, self._kron.factor_entries(txn.view(w, self.state), a, g, batch,
+                                                   rec.calls, lay.wgroup["factor_decay"]))
 
-    def _refresh(self, lay: _Layer, st: dict[str, Any]) -> None:
-        rank = lay.group["max_rank"]
-        new = []
-        for side, f in (("in", st["A"]), ("out", st["G"])):
-            prev = None
-            if f"{side}_vectors" in st:
-                prev = Eigenbasis(st[f"{side}_vectors"], st[f"{side}_values"], st[f"{side}_rest"])
-            basis = refresh_eigenbasis(f, rank, prev)
-            if basis is None:
-                self.state[_GLOBAL]["eigh_failures"] += 1
+    def _refresh(self, modules: list[nn.Module], txn: StepTransaction) -> None:
+        """Refresh the eigenbases of the layers whose refresh is due (after new factors)."""
+        assert self._kron is not None or not modules
+        for m in modules:
+            lay = self._layers[m]
+            w = lay.helper.weight
+            view = txn.view(w, self.state)
+            if "A" not in view or not refresh_due(view.get("kron_step", 0), self.update_freq,
+                                                  "in_vectors" in view):
+                continue
+            entries, failed = self._kron.refresh_entries(view, lay.wgroup["max_rank"])  # type: ignore[union-attr]
+            for side in failed:
+                self._counters["eigh_failures"] += 1
                 self._warn_once(f"eigh:{lay.name}", f"layer {lay.name!r}: eigendecomposition of "
-                                f"the {side}put factor failed; keeping the last good basis")
-                basis = prev if prev is not None else Eigenbasis.identity(f.shape[0], f)
-            new.append((side, basis))
-        for side, basis in new:
-            st[f"{side}_vectors"], st[f"{side}_values"], st[f"{side}_rest"] = (
-                basis.vectors, basis.values, basis.rest)
-        if self.curvature == "ekfac":
-            out, inp = self._bases(st, lay.helper)
-            st["m2"] = ekfac_init(out, inp, st["locations"])
+                                f"the {side} factor failed; keeping the last good basis")
+            txn.stage(w, entries)
 
     # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        counters = self.diagnostics
+        sd["ocnopt"] = {"format": _FORMAT, "curvature": self.curvature, "counters": counters}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        glob = state_dict["state"].get(_GLOBAL)
-        self.state[_GLOBAL] = dict(glob) if glob is not None else {
-            "step": 0, "skipped_steps": 0, "nonfinite_feedback": 0, "eigh_failures": 0}
+        """Load a state dict of an OCNOpt with the same curvature and parameters.
+
+        Everything is validated first (curvature, param-group keys and hyperparameter ranges,
+        state keys and tensor shapes); a ``ValueError`` leaves the optimizer unchanged.
+        """
+        self._validate_state_dict(state_dict)
+        meta = state_dict.get("ocnopt")
+        sd = {k: v for k, v in state_dict.items() if k != "ocnopt"}
+        super().load_state_dict(sd)
+        if meta is not None:
+            c = dict(meta["counters"])
+            c["skip_reasons"] = Counter(c.get("skip_reasons", {}))
+            self._counters.update(c)
         self._build_layers()
+
+    def _validate_state_dict(self, sd: Any) -> None:
+        if not isinstance(sd, dict) or not {"state", "param_groups"} <= set(sd):
+            raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        meta = sd.get("ocnopt")
+        if meta is not None:
+            if not isinstance(meta, dict) or meta.get("curvature") != self.curvature:
+                got = meta.get("curvature") if isinstance(meta, dict) else meta
+                raise ValueError(f"state dict of an OCNOpt with curvature={got!r} cannot be "
+                                 f"loaded into curvature={self.curvature!r}")
+        saved = sd["param_groups"]
+        if not isinstance(saved, list) or len(saved) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        ids: list[Any] = []
+        for i, (old, new) in enumerate(zip(saved, self.param_groups, strict=True)):
+            if not isinstance(old, dict) or len(old.get("params", ())) != len(new["params"]):
+                raise ValueError(f"param group {i}: different number of parameters")
+            missing = sorted(set(self.defaults) - set(old))
+            if missing:
+                raise ValueError(f"param group {i} lacks {', '.join(missing)}: not a state dict "
+                                 f"of an OCNOpt with curvature={self.curvature!r}")
+            probe = {k: v for k, v in old.items() if k != "params"}
+            coerce_group(probe)
+            try:
+                validate_group(probe)
+            except ValueError as exc:
+                raise ValueError(f"param group {i} of the loaded state dict: {exc}") from exc
+            ids += list(old["params"])
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, params, strict=True))
+        state = sd["state"]
+        if not isinstance(state, dict):
+            raise ValueError("'state' must be a dict keyed by parameter ids")
+        for pid, entries in state.items():
+            if pid not in by_id or not isinstance(entries, dict):
+                raise ValueError(f"state entry {pid!r} matches no parameter")
+            self._validate_param_state(by_id[pid], entries)
+
+    def _validate_param_state(self, p: Tensor, entries: dict[str, Any]) -> None:
+        name = self._param_names.get(p, "?")
+        lay = self._layer_of.get(p)
+        if self._kron is not None and lay is None:
+            allowed = STATE_KEYS["adam"]
+        elif self._kron is not None:
+            allowed = STATE_KEYS["sgd"] | (KRONECKER_STATE_KEYS if p is lay.helper.weight
+                                           else frozenset())
+        else:
+            allowed = STATE_KEYS[self._rule]
+        extra = sorted(set(entries) - allowed)
+        if extra:
+            raise ValueError(f"state of {name!r} has {', '.join(extra)}, which "
+                             f"curvature={self.curvature!r} does not keep there")
+        for key, v in entries.items():
+            if key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                       "square_avg", "grad_avg"):
+                if not isinstance(v, Tensor) or v.shape != p.shape:
+                    raise ValueError(f"state {key!r} of {name!r} must have the parameter's "
+                                     f"shape {tuple(p.shape)}, got "
+                                     f"{tuple(v.shape) if isinstance(v, Tensor) else type(v)}")
+        if lay is not None and p is lay.helper.weight and "A" in entries:
+            d_in = lay.helper.weight[0].numel() + int(lay.helper.has_bias)
+            d_out = lay.helper.weight.shape[0]
+            for key, d in (("A", d_in), ("G", d_out)):
+                v = entries.get(key)
+                if not isinstance(v, Tensor) or v.shape != (d, d):
+                    raise ValueError(f"Kronecker factor {key} of {name!r} must be {d}x{d}")
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_stats", "_finalizer", "_txn", "_records"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._stats = None
+        self._txn = None
+        self._records = {}
+        if "model" in state:
+            self._build_layers()
+
+
+def _clip(d: Tensor, max_norm: float | None) -> Tensor:
+    """``d`` rescaled to norm <= ``max_norm`` (no host sync); unchanged if ``max_norm`` is None."""
+    if max_norm is None:
+        return d
+    return d * (max_norm / (torch.linalg.vector_norm(d) + 1e-6)).clamp(max=1.0)
+
+
+def _clip_pair(dw: Tensor, db: Tensor | None, max_norm: float) -> tuple[Tensor, Tensor | None]:
+    """A layer's (weight, bias) direction rescaled jointly to norm <= ``max_norm``."""
+    sq = dw.square().sum() + (db.square().sum() if db is not None else 0.0)
+    c = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    return dw * c, (None if db is None else db * c)

@@ -1,0 +1,118 @@
+"""All-or-nothing optimizer steps.
+
+A :class:`StepTransaction` collects everything one step changes and either commits all of it or
+restores everything it touched:
+
+* parameters are updated in place (the feedback pass must run the model with the new values of
+  the earlier layers), each after one backup copy made on its first write (:meth:`touch`);
+* optimizer state is never modified in place: the kernels return new entries, which are staged
+  here and only written into ``optimizer.state`` by :meth:`commit`;
+* module buffers that a forward pass updates (BatchNorm running statistics) are snapshotted when
+  the transaction opens and restored by :meth:`rollback`;
+* every staged floating-point tensor and every written parameter is checked for NaN/Inf by
+  :meth:`all_finite` (one fused reduction per device), so no non-finite value is ever committed.
+
+Cost: one copy of the parameters the step updates, and, transiently, a second copy of their
+optimizer state (old entries are released at commit). The README's "Atomic steps" section
+quotes the measured time.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepTransaction", "all_finite"]
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """True iff every element of every tensor is finite (one host sync).
+
+    Uses the max-abs norm, which (unlike a sum) never overflows on large finite values and
+    propagates NaN.
+    """
+    by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        if t.numel() and (t.is_floating_point() or t.is_complex()):
+            by_device.setdefault((t.device, t.dtype), []).append(t.detach())
+    if not by_device:
+        return True
+    norms = [torch.stack(torch._foreach_norm(ts, float("inf"))).max().float().cpu()
+             for ts in by_device.values()]
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+class StepTransaction:
+    """Staged state, parameter backups and buffer snapshots of one optimizer step.
+
+    Args:
+        buffers: module buffers to restore on rollback (e.g. BatchNorm running statistics).
+    """
+
+    def __init__(self, buffers: Iterable[Tensor] = ()) -> None:
+        self._buffers = [(b, b.detach().clone()) for b in buffers]
+        self._backups: dict[Tensor, Tensor] = {}
+        self.staged: dict[Any, dict[str, Any]] = {}
+        self.grads: dict[Tensor, Tensor] = {}
+        self._watch: list[Tensor] = []
+        self._checked = 0
+
+    # ---------------------------------------------------------------- writes
+    def touch(self, param: Tensor) -> Tensor:
+        """Back up ``param`` before its first in-place update in this step; returns it."""
+        if param not in self._backups:
+            self._backups[param] = param.detach().clone()
+            self._watch.append(param)
+        return param
+
+    def stage(self, key: Any, entries: Mapping[str, Any]) -> None:
+        """Stage new state entries of ``key`` (a parameter); they replace the old ones on commit."""
+        self.staged.setdefault(key, {}).update(entries)
+        self._watch.extend(v for v in entries.values() if isinstance(v, Tensor))
+
+    def view(self, key: Any, state: Mapping[Any, Any]) -> ChainMap[str, Any]:
+        """The state of ``key`` as it will be after commit (staged entries first)."""
+        return ChainMap(self.staged.get(key, {}), state.get(key, {}))
+
+    def set_grad(self, param: Tensor, grad: Tensor) -> None:
+        """``param.grad = grad`` on commit (the direction the step used)."""
+        self.grads[param] = grad
+
+    # ---------------------------------------------------------------- outcome
+    def all_finite(self) -> bool:
+        """True iff every tensor staged or parameter written since the last call is finite.
+
+        Parameters are checked with their values at the time of the call.
+        """
+        new, self._checked = self._watch[self._checked:], len(self._watch)
+        return all_finite(new)
+
+    def commit(self, state: Any) -> None:
+        """Write the staged entries into ``state`` (a ``defaultdict(dict)`` keyed by parameter)
+        and the staged gradients into ``.grad``."""
+        for key, entries in self.staged.items():
+            state[key].update(entries)
+        for p, g in self.grads.items():
+            p.grad = g
+        self._release()
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """Restore every touched parameter and snapshotted buffer; drop the staged state."""
+        for p, old in self._backups.items():
+            p.copy_(old)
+        for b, old in self._buffers:
+            b.copy_(old)
+        self._release()
+
+    def _release(self) -> None:
+        self._backups.clear()
+        self._buffers.clear()
+        self.staged.clear()
+        self.grads.clear()
+        self._watch.clear()
+        self._checked = 0
