@@ -634,7 +634,12 @@ class OCNOpt(Optimizer):
     def _commit(self, txn: StepTransaction) -> None:
         txn.commit(self.state)
         if self._nonfinite_s:
-            self._counters["nonfinite_feedback"] += int(torch.stack(self._nonfinite_s).sum())
+            n = int(torch.stack(self._nonfinite_s).sum())
+            if n:
+                self._counters["nonfinite_feedback"] += n
+                self._warn_once("nonfinite_feedback", "non-finite feedback terms s_i were "
+                                "replaced by 0 (those samples got the open-loop weight); "
+                                "see opt.diagnostics['nonfinite_feedback']", stacklevel=4)
         self._counters["step"] += 1
         self._skip_burst = 0
 
