@@ -196,5 +196,10 @@ class FeedbackPass:
         self._bn_state.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor) and self.on_input(module, args[0]):
+        if not args or not isinstance(args[0], Tensor):
+            return
+        # the optimizer's arithmetic runs in the parameters' dtype, not the closure's autocast
+        with torch.autocast(args[0].device.type, enabled=False):
+            done = self.on_input(module, args[0])
+        if done:
             raise FeedbackComplete

@@ -136,8 +136,11 @@ class OCNOpt(Optimizer):
             kfac/ekfac); ``decoupled_weight_decay=True`` gives AdamW for ``curvature="adam"``.
         maximize: maximise the objective instead (every curvature, feedback included).
         foreach: accepted for torch.optim compatibility (``None``/``True``/``False``).
-        batch_dim: the sample axis of every layer input and output (0; 1 for sequence-first
-            models such as ``nn.Transformer*`` with ``batch_first=False``).
+        batch_dim: the sample axis of the layers' inputs and outputs: an int for every layer
+            (default 0), or a mapping from module-name prefixes to ints (the longest matching
+            prefix wins, other layers use 0), e.g. ``{"encoder": 1}`` when an encoder of
+            ``batch_first=False`` modules works on ``(sequence, batch, features)`` while the
+            head after pooling sees ``(batch, features)``.
 
     Curvature settings (each curvature takes only its own; others raise ``ValueError``):
 
@@ -180,7 +183,7 @@ class OCNOpt(Optimizer):
         *,
         factor_update_freq: int = 10,
         update_freq: int = 100,
-        batch_dim: int = 0,
+        batch_dim: int | Mapping[str, int] = 0,
         params: Iterable[Any] | None = None,
         **hyperparameters: Any,
     ) -> None:
@@ -190,8 +193,7 @@ class OCNOpt(Optimizer):
             raise ValueError(f"unknown curvature {curvature!r}; valid: {', '.join(CURVATURES)}")
         for name, v in (("factor_update_freq", factor_update_freq), ("update_freq", update_freq)):
             check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "int >= 1")
-        check("batch_dim", batch_dim, isinstance(batch_dim, int) and not isinstance(
-            batch_dim, bool), "an int (the sample axis of layer inputs)")
+        _check_batch_dim(batch_dim)
         own = {**COMMON_DEFAULTS, **CURVATURE_DEFAULTS[curvature]}
         for key in hyperparameters:
             if key not in ALL_KEYS:
@@ -267,14 +269,15 @@ class OCNOpt(Optimizer):
                              "feedback pass hooks every layer between compiled regions; pass "
                              "the uncompiled model (compile its submodules instead) or use "
                              "feedback=False")
-        if self.feedback and self.batch_dim == 0:
+        if self.feedback and isinstance(self.batch_dim, int) and self.batch_dim == 0:
             seq_first = [n for n, m in self.model.named_modules()
                          if getattr(m, "batch_first", True) is False]
             if seq_first:
                 self._warn_once("batch_first", "modules with batch_first=False: "
                                 + ", ".join(seq_first) + "; their layer inputs are "
                                 "(sequence, batch, ...) but the feedback takes dim 0 as the "
-                                "sample axis: pass batch_dim=1", stacklevel=4)
+                                "sample axis: pass batch_dim (e.g. {'<encoder name>': 1})",
+                                stacklevel=4)
 
     def _build_layers(self) -> None:
         group_of: dict[Tensor, dict[str, Any]] = {}
@@ -297,7 +300,7 @@ class OCNOpt(Optimizer):
             bias = getattr(module, "bias", None)
             train_bias = isinstance(bias, Tensor) and bias in group_of and bias.requires_grad
             label = mname or type(module).__name__
-            helper, reason = helper_for(module, train_bias, self.batch_dim)
+            helper, reason = helper_for(module, train_bias, _batch_dim_of(self.batch_dim, mname))
             if helper is None:
                 if isinstance(module, (nn.Linear, nn.Conv2d)) or "Conv" in type(module).__name__:
                     unsupported.append(f"{label} ({reason})")
@@ -704,7 +707,7 @@ class OCNOpt(Optimizer):
             gain = momentum_gain_correction(self._rule, group.get("momentum", 0.0),
                                             group.get("dampening", 0.0))
             sign = -1.0 if group["maximize"] else 1.0
-            s = feedback_terms([p], [x_hat - x], self.batch_dim)
+            s = feedback_terms([p], [x_hat - x], lay.helper.batch_dim)
             w, bad = sample_weights(s, scale=sign * group["feedback_scale"] * gain * batch,
                                     clip=group["feedback_clip"])
             self._nonfinite_s.append(bad)
@@ -945,3 +948,23 @@ def _clip_pair(dw: Tensor, db: Tensor | None, max_norm: float) -> tuple[Tensor, 
     sq = dw.square().sum() + (db.square().sum() if db is not None else 0.0)
     c = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
     return dw * c, (None if db is None else db * c)
+
+
+def _check_batch_dim(batch_dim: Any) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    ok = is_int(batch_dim) or (isinstance(batch_dim, Mapping) and all(
+        isinstance(k, str) and is_int(v) for k, v in batch_dim.items()))
+    check("batch_dim", batch_dim, ok, "an int or a mapping from module-name prefixes to ints")
+
+
+def _batch_dim_of(batch_dim: int | Mapping[str, int], name: str) -> int:
+    """The sample axis of layer ``name`` (longest matching prefix of a mapping, else 0)."""
+    if isinstance(batch_dim, int):
+        return batch_dim
+    best, dim = -1, 0
+    for prefix, d in batch_dim.items():
+        if (name == prefix or name.startswith(prefix + ".") or prefix == "") and len(prefix) > best:
+            best, dim = len(prefix), d
+    return dim
