@@ -198,8 +198,9 @@ class FeedbackPass:
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not args or not isinstance(args[0], Tensor):
             return
-        # the optimizer's arithmetic runs in the parameters' dtype, not the closure's autocast
-        with torch.autocast(args[0].device.type, enabled=False):
+        # the optimizer's arithmetic runs without autograd and in the parameters' dtype, even if
+        # the closure enables grad (as Lightning's does) or autocast
+        with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
             done = self.on_input(module, args[0])
         if done:
             raise FeedbackComplete
