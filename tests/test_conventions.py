@@ -141,7 +141,7 @@ def test_grad_scaler_steps_equal_unscaled_steps_and_infs_are_skipped(curvature, 
                     scaler.scale(F.cross_entropy(model(x), y) * 1e38).backward()
                     scaler.step(opt)
                 else:
-                    scaler.step(opt, lambda: F.cross_entropy(model(x), y) * 1e38)
+                    scaler.step(opt, lambda m=model, x=x, y=y: F.cross_entropy(m(x), y) * 1e38)
                 scaler.update()
                 assert scaler.get_scale() == scale / 2
                 assert all(torch.equal(a, b)
@@ -210,7 +210,7 @@ def test_maximize_equals_minimizing_the_negated_loss(curvature, feedback):
         opt = OCNOpt(model, maximize=maximize, **_kw(curvature, feedback))
         sign = 1.0 if maximize else -1.0
         for x, y in data:
-            opt.step(lambda x=x, y=y, m=model: sign * F.cross_entropy(m(x.to(D)), y))
+            opt.step(lambda x=x, y=y, m=model, s=sign: s * F.cross_entropy(m(x.to(D)), y))
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
