@@ -129,20 +129,21 @@ def test_layer_run_twice_feeds_both_calls_into_its_factors():
     assert st["locations"] == 1.0
 
 
-def test_ekfac_second_moments_are_reset_at_each_refresh():
+@pytest.mark.parametrize("early,refreshes", [(True, {0, 1, 2, 4, 5}), (False, {0, 5})])
+def test_ekfac_second_moments_are_reset_at_each_refresh(early, refreshes):
     torch.manual_seed(3)
     model = tiny_mlp(D)
     alpha = 0.6
     opt = OCNOpt(model, lr=0.05, curvature="ekfac", feedback=False, eigenvalue_decay=alpha,
-                 factor_update_freq=1, update_freq=3, max_rank=None)
+                 factor_update_freq=1, update_freq=5, max_rank=None, early_refresh=early)
     layer = model[4]
-    for k, (x, y) in enumerate(batches(model, n=4, dtype=D)):
+    for k, (x, y) in enumerate(batches(model, n=7, dtype=D)):
         prev = dict(opt.state[layer.weight])
         opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
         st = opt.state[layer.weight]
         d = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
         proj2 = (st["out_vectors"].T @ d @ st["in_vectors"]) ** 2
-        if k % 3 == 0:  # refresh: m2 restarts from L * lambda_G lambda_A^T
+        if k in refreshes:  # refresh: m2 restarts from L * lambda_G lambda_A^T
             start = torch.outer(st["out_values"], st["in_values"])
         else:
             start = prev["m2"]

@@ -204,11 +204,12 @@ def test_kfac_step_is_damped_natural_gradient():
 
 
 @pytest.mark.parametrize("feedback", [False, True])
-def test_factors_and_bases_follow_their_schedules(feedback):
+@pytest.mark.parametrize("early", [False, True])
+def test_factors_and_bases_follow_their_schedules(feedback, early):
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     opt = OCNOpt(model, lr=0.05, curvature="ekfac", feedback=feedback, factor_update_freq=3,
-                 update_freq=6)
+                 update_freq=6, early_refresh=early)
     st = opt.state[model[0].weight]
     seen_a, seen_basis = [], []
     for _ in range(8):
@@ -218,5 +219,9 @@ def test_factors_and_bases_follow_their_schedules(feedback):
         seen_basis.append(st["in_vectors"].clone())
     a_changed = [not torch.equal(seen_a[i], seen_a[i - 1]) for i in range(1, 8)]
     basis_changed = [not torch.equal(seen_basis[i], seen_basis[i - 1]) for i in range(1, 8)]
-    assert a_changed == [False, False, True, False, False, True, False]  # steps 3 and 6
-    assert basis_changed == [False, False, False, False, False, True, False]  # step 6
+    if early:  # refreshes (with fresh factors) at steps 1, 2, 4 and 6; factors also at 3
+        assert a_changed == [True, True, True, True, False, True, False]
+        assert basis_changed == [True, True, False, True, False, True, False]
+    else:
+        assert a_changed == [False, False, True, False, False, True, False]  # steps 3 and 6
+        assert basis_changed == [False, False, False, False, False, True, False]  # step 6

@@ -6,10 +6,9 @@ from ocnopt.curvature.kronecker import (
     ekfac_init,
     kfac_scale,
     refresh_eigenbasis,
-    rows_factor,
     symmetric_eigh,
 )
 from ocnopt.curvature.layer_state import KRONECKER, KroneckerCurvature, refresh_due
 
 __all__ = ["KRONECKER", "Eigenbasis", "KroneckerCurvature", "Projection", "ekfac_init",
-           "kfac_scale", "refresh_due", "refresh_eigenbasis", "rows_factor", "symmetric_eigh"]
+           "kfac_scale", "refresh_due", "refresh_eigenbasis", "symmetric_eigh"]

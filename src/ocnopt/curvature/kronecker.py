@@ -30,7 +30,6 @@ from torch import Tensor
 __all__ = [
     "Eigenbasis",
     "Projection",
-    "rows_factor",
     "symmetric_eigh",
     "refresh_eigenbasis",
     "kfac_scale",
@@ -38,14 +37,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def rows_factor(rows: Tensor, scale: float = 1.0) -> Tensor:
-    """``scale^2 * rows^T rows / N`` for ``rows`` of shape ``(N, d)``; returns ``(d, d)``."""
-    n = rows.shape[0]
-    if scale != 1.0:
-        rows = rows * scale
-    return rows.t().mm(rows).div_(max(n, 1))
 
 
 @dataclass

@@ -29,7 +29,6 @@ from ocnopt.curvature.kronecker import (
     ekfac_init,
     kfac_scale,
     refresh_eigenbasis,
-    rows_factor,
 )
 
 __all__ = ["KroneckerCurvature", "KFAC", "EKFAC", "KRONECKER", "STATE_KEYS", "refresh_due"]
@@ -39,10 +38,17 @@ STATE_KEYS = frozenset({
     "m2", "batch_size", "locations", "kron_step"})
 
 
-def refresh_due(step: int, update_freq: int, refreshed: bool) -> bool:
-    """Whether the eigenbases are recomputed at layer step ``step`` (0-based applied steps):
-    at the first statistics, then every ``update_freq`` steps."""
-    return not refreshed or step % update_freq == 0
+def refresh_due(step: int, update_freq: int, refreshed: bool, early: bool = True) -> bool:
+    """Whether the eigenbases are recomputed at layer step ``step`` (applied steps so far).
+
+    Always at the first statistics, then every ``update_freq`` steps. With ``early`` also at
+    steps 1, 2, 4, 8, ... below ``update_freq``: the first batches' factors are noisy and
+    change fast, and a short run should not precondition with the first batch's basis for
+    ``update_freq`` steps (the extra refreshes cost ``log2(update_freq)`` decompositions once).
+    """
+    if not refreshed or step % update_freq == 0:
+        return True
+    return early and step < update_freq and step & (step - 1) == 0
 
 
 def bases(st: Mapping[str, Any], d_out: int, d_in: int, like: Tensor) -> tuple[Eigenbasis,
@@ -63,18 +69,16 @@ class KroneckerCurvature:
     # ------------------------------------------------------------------ statistics
     @staticmethod
     def factor_entries(
-        st: Mapping[str, Any], a_rows: Tensor, g_rows: Tensor, batch: int, calls: int,
+        st: Mapping[str, Any], fa: Tensor, fg: Tensor, rows: int, batch: int, calls: int,
         decay: float,
     ) -> dict[str, Any]:
-        """New EMA factors from input rows ``(N, d_in[+1])`` and output-gradient rows
-        ``(N, d_out)`` of ``calls`` calls on ``batch`` samples (``g`` of the batch-MEAN loss:
-        rows are scaled by ``batch`` to per-sample gradients)."""
-        fa, fg = rows_factor(a_rows), rows_factor(g_rows, scale=float(batch))
+        """New EMA factors from one minibatch's factors ``fa`` ``(d_in[+1], d_in[+1])`` and
+        ``fg`` ``(d_out, d_out)``, estimated from ``rows`` rows of ``calls`` calls on ``batch``
+        samples (so ``rows / (batch * calls)`` output locations per sample)."""
         if "A" in st:
             fa = st["A"].mul(decay).add_(fa, alpha=1 - decay)
             fg = st["G"].mul(decay).add_(fg, alpha=1 - decay)
-        return {"A": fa, "G": fg, "batch_size": batch,
-                "locations": a_rows.shape[0] / (batch * calls)}
+        return {"A": fa, "G": fg, "batch_size": batch, "locations": rows / (batch * calls)}
 
     def refresh_entries(
         self, st: Mapping[str, Any], max_rank: int | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,12 +36,38 @@ class LayerHelper(ABC):
         return self.module.bias if self.has_bias else None  # type: ignore[return-value]
 
     @abstractmethod
-    def input_rows(self, x: Tensor) -> Tensor:
-        """Rows ``a`` of the input factor, shape ``(N, d_in [+1])`` (ones column if bias)."""
+    def input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(X^T X, X^T 1, N)`` of the input rows ``X`` ``(N, d_in)`` of one call."""
 
     @abstractmethod
-    def output_rows(self, g: Tensor) -> Tensor:
-        """Rows of the output-gradient factor, shape ``(N, d_out)`` (unscaled)."""
+    def output_moments(self, g: Tensor) -> tuple[Tensor, int]:
+        """``(Y^T Y, N)`` of the output-gradient rows ``Y`` ``(N, d_out)`` of one call."""
+
+    def input_factor(self, xs: Sequence[Tensor]) -> tuple[Tensor, int]:
+        """Input factor ``A = mean_rows a a^T`` over the calls ``xs`` (with the ones column of
+        an optimised bias, assembled without copying the rows) and the number of rows."""
+        xtx, colsum, n = self.input_moments(xs[0])
+        for x in xs[1:]:
+            p, s, m = self.input_moments(x)
+            xtx, colsum, n = xtx + p, colsum + s, n + m
+        if not self.has_bias:
+            return xtx.div_(n), n
+        d = xtx.shape[0]
+        out = xtx.new_empty(d + 1, d + 1)
+        out[:d, :d] = xtx
+        out[:d, d] = colsum
+        out[d, :d] = colsum
+        out[d, d] = n
+        return out.div_(n), n
+
+    def output_factor(self, gs: Sequence[Tensor], batch: int) -> Tensor:
+        """Output factor ``G = mean_rows (B g)(B g)^T`` over the calls' gradients ``gs`` of the
+        batch-MEAN loss (``B g`` is the per-sample gradient)."""
+        gtg, n = self.output_moments(gs[0])
+        for g in gs[1:]:
+            p, m = self.output_moments(g)
+            gtg, n = gtg + p, n + m
+        return gtg.mul_(batch * batch / n)
 
     @abstractmethod
     def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -44,17 +44,21 @@ class Conv2dHelper(LayerHelper):
         super().__init__(module, train_bias, batch_dim)
         self._padding = _explicit_padding(module)
 
-    def input_rows(self, x: Tensor) -> Tensor:
+    def input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
         cols = F.unfold(self._cast(x), m.kernel_size, dilation=m.dilation, padding=self._padding,
-                        stride=m.stride)
-        a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B*L, C*kh*kw)
-        if self.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-        return a
+                        stride=m.stride)  # (B, C*kh*kw, L): one row per (sample, location)
+        a = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*kh*kw, B*L)
+        return a.mm(a.t()), a.sum(1), a.shape[1]
 
-    def output_rows(self, g: Tensor) -> Tensor:
-        return self._cast(g).permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+    def output_moments(self, g: Tensor) -> tuple[Tensor, int]:
+        g = self._cast(g)
+        n = g.shape[0] * g.shape[2] * g.shape[3]
+        if g.is_contiguous(memory_format=torch.channels_last):  # rows are a view
+            y = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+            return y.t().mm(y), n
+        g3 = g.flatten(2)  # (B, C, H*W): sum of per-sample C x C products, no copy
+        return torch.matmul(g3, g3.transpose(1, 2)).sum(0), n
 
     def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         m: nn.Conv2d = self.module  # type: ignore[assignment]

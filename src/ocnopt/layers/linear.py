@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ocnopt.layers.base import LayerHelper
@@ -11,14 +10,13 @@ __all__ = ["LinearHelper"]
 
 
 class LinearHelper(LayerHelper):
-    def input_rows(self, x: Tensor) -> Tensor:
+    def input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         a = self._cast(x).reshape(-1, x.shape[-1])
-        if self.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-        return a
+        return a.t().mm(a), a.sum(0), a.shape[0]
 
-    def output_rows(self, g: Tensor) -> Tensor:
-        return self._cast(g).reshape(-1, g.shape[-1])
+    def output_moments(self, g: Tensor) -> tuple[Tensor, int]:
+        y = self._cast(g).reshape(-1, g.shape[-1])
+        return y.t().mm(y), y.shape[0]
 
     def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         g2 = self._reweight(g, w).reshape(-1, g.shape[-1])

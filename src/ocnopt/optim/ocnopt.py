@@ -156,7 +156,8 @@ class OCNOpt(Optimizer):
       Kronecker-factored layers (``fallback_lr=None`` means ``lr``).
 
     Schedules (optimizer-wide): ``factor_update_freq`` (steps between Kronecker factor
-    updates) and ``update_freq`` (steps between eigenbasis refreshes).
+    updates), ``update_freq`` (steps between eigenbasis refreshes) and ``early_refresh``
+    (also refresh, with fresh factors, at steps 1, 2, 4, ... below ``update_freq``).
 
     ``params``: optional iterable of parameters or param-group dicts (all from ``model``);
     default: every parameter of ``model`` that requires grad.
@@ -183,6 +184,7 @@ class OCNOpt(Optimizer):
         *,
         factor_update_freq: int = 10,
         update_freq: int = 100,
+        early_refresh: bool = True,
         batch_dim: int | Mapping[str, int] = 0,
         params: Iterable[Any] | None = None,
         **hyperparameters: Any,
@@ -209,6 +211,8 @@ class OCNOpt(Optimizer):
         self.feedback = bool(feedback)
         self.factor_update_freq = factor_update_freq
         self.update_freq = update_freq
+        check("early_refresh", early_refresh, isinstance(early_refresh, bool), "True or False")
+        self.early_refresh = early_refresh
         self.batch_dim = batch_dim
         self._rule = _BASE_RULE[curvature]
         self._kron = KRONECKER.get(curvature)
@@ -398,7 +402,7 @@ class OCNOpt(Optimizer):
         st = self.state.get(lay.helper.weight, {})
         k = st.get("kron_step", 0)
         return k % self.factor_update_freq == 0 or refresh_due(
-            k, self.update_freq, "in_vectors" in st)
+            k, self.update_freq, "in_vectors" in st, self.early_refresh)
 
     # ------------------------------------------------------------------ step
     def step(  # type: ignore[override]
@@ -807,11 +811,11 @@ class OCNOpt(Optimizer):
                 continue
             w = lay.helper.weight
             batch = lay.helper.batch_size(rec.inputs[0])
-            a = torch.cat([lay.helper.input_rows(x.detach()) for x in rec.inputs])
-            g = torch.cat([lay.helper.output_rows(g) for g in rec.grads])  # type: ignore[arg-type]
+            fa, rows = lay.helper.input_factor([x.detach() for x in rec.inputs])
+            fg = lay.helper.output_factor(rec.grads, batch)  # type: ignore[arg-type]
             if inv_scale != 1.0:
-                g = g * inv_scale
-            txn.stage(w, self._kron.factor_entries(txn.view(w, self.state), a, g, batch,
+                fg = fg.mul_(inv_scale * inv_scale)
+            txn.stage(w, self._kron.factor_entries(txn.view(w, self.state), fa, fg, rows, batch,
                                                    rec.calls, lay.wgroup["factor_decay"]))
 
     def _refresh(self, modules: list[nn.Module], txn: StepTransaction) -> None:
@@ -822,7 +826,7 @@ class OCNOpt(Optimizer):
             w = lay.helper.weight
             view = txn.view(w, self.state)
             if "A" not in view or not refresh_due(view.get("kron_step", 0), self.update_freq,
-                                                  "in_vectors" in view):
+                                                  "in_vectors" in view, self.early_refresh):
                 continue
             entries, failed = self._kron.refresh_entries(view, lay.wgroup["max_rank"])  # type: ignore[union-attr]
             for side in failed:
