@@ -216,17 +216,22 @@ def test_maximize_equals_minimizing_the_negated_loss(curvature, feedback):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("foreach", [None, False, True])
-def test_foreach_is_accepted_and_does_not_change_the_result(foreach):
-    data = batches(tiny_mlp(), n=3)
-    runs = []
-    for fe in (None, foreach):
-        model = tiny_mlp()
-        opt = OCNOpt(model, curvature="adam", lr=1e-2, foreach=fe)
-        for x, y in data:
-            opt.step(_ours(model, opt, x, y))
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs, strict=True):
+@pytest.mark.parametrize("torch_opt,kw,ocn", [
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2), dict(curvature="identity")),
+    (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True), dict(curvature="rmsprop")),
+    (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=1e-2), dict(curvature="adam")),
+])
+def test_foreach_sweep_equals_torch_foreach_implementation(torch_opt, kw, ocn):
+    data = batches(tiny_mlp(), n=4)
+    model, twin = tiny_mlp(), tiny_mlp()
+    opt = OCNOpt(model, feedback=False, foreach=True, **ocn, **kw)
+    ref = torch_opt(twin.parameters(), foreach=True, **kw)
+    for x, y in data:
+        opt.step(_ours(model, opt, x, y))
+        ref.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        ref.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

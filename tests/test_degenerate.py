@@ -67,10 +67,14 @@ CASES = [
 @pytest.mark.parametrize("make_model", [tiny_mlp, tiny_cnn], ids=["mlp", "cnn"])
 @pytest.mark.parametrize("torch_opt,torch_kw,ocn_kw", CASES)
 @pytest.mark.parametrize("classic", [False, True], ids=["closure", "classic"])
-def test_feedback_off_is_torch_optimizer(make_model, torch_opt, torch_kw, ocn_kw, classic):
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_feedback_off_is_torch_optimizer(make_model, torch_opt, torch_kw, ocn_kw, classic,
+                                         foreach):
+    """Both OCNOpt sweeps (per tensor, and one foreach call per param group) are bitwise the
+    torch optimizer's default single-tensor path on CPU."""
     data = batches(make_model(), n=STEPS)
     ref = _train_torch(make_model, torch_opt, torch_kw, data)
-    kw = dict(ocn_kw, lr=torch_kw["lr"], feedback=False)
+    kw = dict(ocn_kw, lr=torch_kw["lr"], feedback=False, foreach=foreach)
     got = _train_ocnopt(make_model, kw, data, classic=classic)
     for a, b in zip(ref, got, strict=True):
         assert torch.equal(a, b), (a - b).abs().max()

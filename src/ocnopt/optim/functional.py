@@ -1,21 +1,22 @@
-"""Functional per-tensor update kernels (pure math, no hooks, no optimizer object).
+"""Functional update kernels (pure math, no hooks, no optimizer object), on lists of tensors.
 
-Each kernel updates ONE parameter tensor in place from a *direction* ``d`` (the open-loop
-gradient, or OCNOpt's closed-loop direction) and returns the tensor's NEW state entries. The
-state it is given is only read, never modified: the caller decides whether the new entries are
-committed (an optimizer step is all-or-nothing, see :mod:`ocnopt.optim.transaction`). The
-operation order mirrors the single-tensor code paths of ``torch.optim.SGD``, ``RMSprop`` and
-``Adam``, so that OCNOpt with feedback off is bitwise the torch optimizer on CPU (tested).
+Each kernel updates the parameters ``params`` in place from their *directions* ``ds`` (the
+open-loop gradients, or OCNOpt's closed-loop directions) and returns each parameter's NEW state
+entries. The states it is given are only read, never modified: the caller decides whether the
+new entries are committed (an optimizer step is all-or-nothing, see
+:mod:`ocnopt.optim.transaction`). The lists are processed with ``torch._foreach_*`` ops (one
+call for a whole param group when the optimizer's ``foreach`` is on; a list of one otherwise),
+in the operation order of the single-tensor code paths of ``torch.optim.SGD``, ``RMSprop`` and
+``Adam``, so OCNOpt with feedback off is bitwise the torch optimizer on CPU (tested).
 
 ``maximize`` is the caller's business: pass ``-d`` (torch negates the gradient first, too).
-
 State keys follow torch.optim (``momentum_buffer``, ``square_avg``, ``grad_avg``, ``exp_avg``,
 ``exp_avg_sq``, ``max_exp_avg_sq``, ``step``), so the per-parameter state is torch's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,54 +31,66 @@ STATE_KEYS: dict[str, frozenset[str]] = {
     "adam": frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
 }
 
+States = Sequence[Mapping[str, Any]]
+
+
+def _get(states: States, key: str, params: Sequence[Tensor]) -> list[Tensor]:
+    """State ``key`` of every parameter, zeros where it does not exist yet."""
+    return [st[key] if key in st else torch.zeros_like(p, memory_format=torch.preserve_format)
+            for st, p in zip(states, params, strict=True)]
+
+
+def _steps(states: States) -> list[Tensor]:
+    return [st["step"] + 1 if "step" in st else torch.tensor(1.0) for st in states]
+
 
 def momentum_update(
-    param: Tensor,
-    d: Tensor,
-    state: Mapping[str, Any],
+    params: Sequence[Tensor],
+    ds: Sequence[Tensor],
+    states: States,
     *,
     lr: float,
     momentum: float,
     dampening: float,
     nesterov: bool,
-) -> dict[str, Tensor]:
+) -> list[dict[str, Tensor]]:
     """``param -= lr * v`` with torch.optim.SGD's momentum rule on ``d`` (no weight decay)."""
-    new: dict[str, Tensor] = {}
+    new: list[dict[str, Tensor]] = [{} for _ in params]
     if momentum != 0:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = d.detach().clone()
-        else:
-            buf = buf.mul(momentum).add_(d, alpha=1 - dampening)
-        new["momentum_buffer"] = buf
-        d = d.add(buf, alpha=momentum) if nesterov else buf
-    param.add_(d, alpha=-lr)
+        bufs: list[Tensor] = []
+        for st, d, entry in zip(states, ds, new, strict=True):
+            buf = st.get("momentum_buffer")
+            buf = d.detach().clone() if buf is None else torch._foreach_add(
+                torch._foreach_mul([buf], momentum), [d], alpha=1 - dampening)[0]
+            entry["momentum_buffer"] = buf
+            bufs.append(buf)
+        ds = torch._foreach_add(ds, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_add_(list(params), list(ds), alpha=-lr)
     return new
 
 
 def sgd_update(
-    param: Tensor,
-    d: Tensor,
-    state: Mapping[str, Any],
+    params: Sequence[Tensor],
+    ds: Sequence[Tensor],
+    states: States,
     *,
     lr: float,
     momentum: float,
     dampening: float,
     nesterov: bool,
     weight_decay: float,
-) -> dict[str, Tensor]:
-    """One ``torch.optim.SGD`` step on ``param`` (any shape) with direction ``d`` (same shape)."""
+) -> list[dict[str, Tensor]]:
+    """One ``torch.optim.SGD`` step on ``params`` with directions ``ds`` (same shapes)."""
     if weight_decay != 0:
-        d = d.add(param, alpha=weight_decay)
-    return momentum_update(
-        param, d, state, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov
-    )
+        ds = torch._foreach_add(list(ds), list(params), alpha=weight_decay)
+    return momentum_update(params, ds, states, lr=lr, momentum=momentum, dampening=dampening,
+                           nesterov=nesterov)
 
 
 def rmsprop_update(
-    param: Tensor,
-    d: Tensor,
-    state: Mapping[str, Any],
+    params: Sequence[Tensor],
+    ds: Sequence[Tensor],
+    states: States,
     *,
     lr: float,
     alpha: float,
@@ -85,39 +98,39 @@ def rmsprop_update(
     weight_decay: float,
     momentum: float,
     centered: bool,
-) -> dict[str, Tensor]:
-    """One ``torch.optim.RMSprop`` step on ``param`` with direction ``d``."""
-    if "square_avg" in state:
-        step, square_avg = state["step"] + 1, state["square_avg"].mul(alpha)
-    else:
-        step, square_avg = torch.tensor(1.0), torch.zeros_like(param).mul_(alpha)
-    new: dict[str, Tensor] = {"step": step, "square_avg": square_avg}
+) -> list[dict[str, Tensor]]:
+    """One ``torch.optim.RMSprop`` step on ``params`` with directions ``ds``."""
+    params, ds = list(params), list(ds)
+    steps = _steps(states)
     if weight_decay != 0:
-        d = d.add(param, alpha=weight_decay)
-    square_avg.addcmul_(d, d, value=1 - alpha)
+        ds = torch._foreach_add(ds, params, alpha=weight_decay)
+    square_avgs = torch._foreach_mul(_get(states, "square_avg", params), alpha)
+    torch._foreach_addcmul_(square_avgs, ds, ds, value=1 - alpha)
+    new = [{"step": s, "square_avg": q} for s, q in zip(steps, square_avgs, strict=True)]
     if centered:
-        prev = state.get("grad_avg")
-        grad_avg = (prev if prev is not None else torch.zeros_like(param)).lerp(d, 1 - alpha)
-        new["grad_avg"] = grad_avg
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        grad_avgs = torch._foreach_lerp(_get(states, "grad_avg", params), ds, 1 - alpha)
+        for entry, g in zip(new, grad_avgs, strict=True):
+            entry["grad_avg"] = g
+        avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+        torch._foreach_sqrt_(avg)
     else:
-        avg = square_avg.sqrt()
-    avg = avg.add_(eps)
+        avg = torch._foreach_sqrt(square_avgs)
+    torch._foreach_add_(avg, eps)
     if momentum > 0:
-        prev = state.get("momentum_buffer")
-        buf = (prev if prev is not None else torch.zeros_like(param)).mul(momentum)
-        buf.addcdiv_(d, avg)
-        new["momentum_buffer"] = buf
-        param.add_(buf, alpha=-lr)
+        bufs = torch._foreach_mul(_get(states, "momentum_buffer", params), momentum)
+        torch._foreach_addcdiv_(bufs, ds, avg)
+        for entry, b in zip(new, bufs, strict=True):
+            entry["momentum_buffer"] = b
+        torch._foreach_add_(params, bufs, alpha=-lr)
     else:
-        param.addcdiv_(d, avg, value=-lr)
+        torch._foreach_addcdiv_(params, ds, avg, value=-lr)
     return new
 
 
 def adam_update(
-    param: Tensor,
-    d: Tensor,
-    state: Mapping[str, Any],
+    params: Sequence[Tensor],
+    ds: Sequence[Tensor],
+    states: States,
     *,
     lr: float,
     betas: tuple[float, float],
@@ -125,34 +138,34 @@ def adam_update(
     weight_decay: float,
     amsgrad: bool,
     decoupled_weight_decay: bool,
-) -> dict[str, Tensor]:
-    """One ``torch.optim.Adam`` step (AdamW if ``decoupled_weight_decay``), direction ``d``."""
+) -> list[dict[str, Tensor]]:
+    """One ``torch.optim.Adam`` step (AdamW if ``decoupled_weight_decay``) with directions
+    ``ds``."""
+    params, ds = list(params), list(ds)
     beta1, beta2 = betas
-    if "exp_avg" in state:
-        step_t = state["step"] + 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    else:
-        step_t = torch.tensor(1.0)
-        exp_avg = exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+    steps = _steps(states)
     if weight_decay != 0:
         if decoupled_weight_decay:
-            param.mul_(1 - lr * weight_decay)
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
         else:
-            d = d.add(param, alpha=weight_decay)
-    exp_avg = exp_avg.lerp(d, 1 - beta1)
-    exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(d, d, value=1 - beta2)
-    new = {"step": step_t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    step = step_t.item()
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
+            ds = torch._foreach_add(ds, params, alpha=weight_decay)
+    exp_avgs = torch._foreach_lerp(_get(states, "exp_avg", params), ds, 1 - beta1)
+    exp_avg_sqs = torch._foreach_mul(_get(states, "exp_avg_sq", params), beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, ds, ds, value=1 - beta2)
+    new = [{"step": s, "exp_avg": m, "exp_avg_sq": v}
+           for s, m, v in zip(steps, exp_avgs, exp_avg_sqs, strict=True)]
+    counts = [s.item() for s in steps]
+    step_sizes = [-(lr / (1 - beta1**k)) for k in counts]
+    bc2_sqrt = [(1 - beta2**k) ** 0.5 for k in counts]
     if amsgrad:
-        prev = state.get("max_exp_avg_sq")
-        max_sq = exp_avg_sq.clone() if prev is None else torch.maximum(prev, exp_avg_sq)
-        new["max_exp_avg_sq"] = max_sq
-        denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        maxes = [v.clone() if "max_exp_avg_sq" not in st else torch.maximum(
+            st["max_exp_avg_sq"], v) for st, v in zip(states, exp_avg_sqs, strict=True)]
+        for entry, mx in zip(new, maxes, strict=True):
+            entry["max_exp_avg_sq"] = mx
+        denom = torch._foreach_sqrt(maxes)
     else:
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
     return new

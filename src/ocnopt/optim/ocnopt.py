@@ -723,46 +723,58 @@ class OCNOpt(Optimizer):
     # ------------------------------------------------------------------ updates
     def _open_loop(self, grads: Mapping[Tensor, Tensor], params: list[Tensor],
                    txn: StepTransaction) -> None:
-        """Open-loop updates of ``params`` from their gradients (layers as a whole)."""
+        """Open-loop updates of ``params`` from their loss gradients (layers as a whole; the
+        other parameters per param group, in one foreach sweep unless ``foreach=False``)."""
         wanted = set(params)
         for lay in self._layers.values():
             w, b = lay.helper.weight, lay.helper.bias
             if w in wanted and w in grads:
                 self._apply_layer(lay, grads[w], grads.get(b) if b is not None else None, txn)
+        by_group: dict[int, list[Tensor]] = {}
         for p in params:
             if p not in self._layer_params and p in grads:
-                self._diag_update(p, grads[p], txn, fallback=self._kron is not None)
+                by_group.setdefault(id(self._group_of[p]), []).append(p)
+        for ps in by_group.values():
+            group = self._group_of[ps[0]]
+            ds = []
+            for p in ps:
+                txn.set_grad(p, grads[p])
+                ds.append(_clip(-grads[p] if group["maximize"] else grads[p],
+                                group["max_grad_norm"]))
+            if group["foreach"] is False:
+                for p, d in zip(ps, ds, strict=True):
+                    self._rule_update([p], [d], txn, self._kron is not None)
+            else:
+                self._rule_update(ps, ds, txn, self._kron is not None)
 
-    def _diag_update(self, p: Tensor, d: Tensor, txn: StepTransaction, fallback: bool) -> None:
-        """Open-loop update of a parameter outside feedback layers from its loss gradient."""
-        group = self._group_of[p]
-        txn.set_grad(p, d)
-        self._rule_update(p, _clip(-d if group["maximize"] else d, group["max_grad_norm"]),
-                          txn, fallback)
-
-    def _rule_update(self, p: Tensor, d: Tensor, txn: StepTransaction, fallback: bool) -> None:
-        """Apply the per-tensor rule of ``p`` to the descent direction ``d``."""
-        group = self._group_of[p]
-        view = txn.view(p, self.state)
-        txn.touch(p)
+    def _rule_update(self, ps: list[Tensor], ds: list[Tensor], txn: StepTransaction,
+                     fallback: bool) -> None:
+        """Apply the per-tensor rule to parameters ``ps`` of ONE param group with descent
+        directions ``ds``."""
+        group = self._group_of[ps[0]]
+        views = [txn.view(p, self.state) for p in ps]
+        for p in ps:
+            txn.touch(p)
         if fallback:  # parameters outside Kronecker layers: Adam
             lr = group["fallback_lr"] if group["fallback_lr"] is not None else group["lr"]
-            new = adam_update(p, d, view, lr=lr, betas=group["fallback_betas"],
+            new = adam_update(ps, ds, views, lr=lr, betas=group["fallback_betas"],
                               eps=group["fallback_eps"], weight_decay=group["weight_decay"],
                               amsgrad=False, decoupled_weight_decay=False)
         elif self._rule == "sgd":
-            new = sgd_update(p, d, view, lr=group["lr"], momentum=group["momentum"],
+            new = sgd_update(ps, ds, views, lr=group["lr"], momentum=group["momentum"],
                              dampening=group["dampening"], nesterov=group["nesterov"],
                              weight_decay=group["weight_decay"])
         elif self._rule == "rmsprop":
-            new = rmsprop_update(p, d, view, lr=group["lr"], alpha=group["alpha"],
+            new = rmsprop_update(ps, ds, views, lr=group["lr"], alpha=group["alpha"],
                                  eps=group["eps"], weight_decay=group["weight_decay"],
                                  momentum=group["momentum"], centered=group["centered"])
         else:
-            new = adam_update(p, d, view, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                              weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+            new = adam_update(ps, ds, views, lr=group["lr"], betas=group["betas"],
+                              eps=group["eps"], weight_decay=group["weight_decay"],
+                              amsgrad=group["amsgrad"],
                               decoupled_weight_decay=group["decoupled_weight_decay"])
-        txn.stage(p, new)
+        for p, entries in zip(ps, new, strict=True):
+            txn.stage(p, entries)
 
     def _apply_layer(self, lay: _Layer, dw: Tensor, db: Tensor | None,
                      txn: StepTransaction) -> None:
@@ -778,9 +790,9 @@ class OCNOpt(Optimizer):
         if wg["max_grad_norm"] is not None:
             dw, db = _clip_pair(dw, db, wg["max_grad_norm"])
         if self._kron is None:
-            self._rule_update(w, dw, txn, fallback=False)
+            self._rule_update([w], [dw], txn, fallback=False)
             if b is not None and db is not None:
-                self._rule_update(b, db, txn, fallback=False)
+                self._rule_update([b], [db], txn, fallback=False)
             return
         if wg["weight_decay"] != 0:
             dw = dw.add(w, alpha=wg["weight_decay"])
@@ -795,9 +807,9 @@ class OCNOpt(Optimizer):
             if p is None or d is None or g is None:
                 continue
             txn.touch(p)
-            txn.stage(p, momentum_update(p, d, txn.view(p, self.state), lr=g["lr"],
+            txn.stage(p, momentum_update([p], [d], [txn.view(p, self.state)], lr=g["lr"],
                                          momentum=g["momentum"], dampening=g["dampening"],
-                                         nesterov=g["nesterov"]))
+                                         nesterov=g["nesterov"])[0])
 
     # ------------------------------------------------------------------ curvature
     def _update_curvature(self, records: Mapping[nn.Module, LayerRecord], txn: StepTransaction,
