@@ -230,6 +230,7 @@ class OCNOpt(Optimizer):
         self._feedback_left = 0
         self._nonfinite_s: list[Tensor] = []
         self._stats: ForwardCapture | None = None
+        self._atomic = True  # measurement-only switch (see ocnopt.bench.speed)
         self._check_model()
         self._build_layers()
         self._initialised = True
@@ -438,10 +439,10 @@ class OCNOpt(Optimizer):
             inv_scale = 1.0 / float(scaler.get_scale())
         records = ({m: r for m, r in self._stats.records.items() if r.calls}
                    if self._stats is not None else {})
-        txn = StepTransaction()
+        txn = StepTransaction(atomic=self._atomic)
         try:
             with torch.no_grad():
-                if not all_finite(grads.values()):
+                if self._atomic and not all_finite(grads.values()):
                     raise _Skip("nonfinite_gradient")
                 self._update_curvature(records, txn, inv_scale)
                 if not txn.all_finite():
@@ -468,7 +469,7 @@ class OCNOpt(Optimizer):
         due = [m for m, lay in self._layers.items() if self._kron and self._factors_due(lay)]
         watch = list(self._layers) if (feedback or due) else []
         rng = _RngReplay(self._devices) if feedback else None
-        txn = StepTransaction(self._bn_buffers)
+        txn = StepTransaction(self._bn_buffers, self._atomic)
         self._txn = txn
         if self._stats is not None:
             self._stats.active = False
@@ -509,6 +510,8 @@ class OCNOpt(Optimizer):
 
     def _check_first_pass(self, first: _FirstPass) -> None:
         """Skip the step on a non-finite loss or first-pass gradient (nothing has moved yet)."""
+        if not self._atomic:
+            return
         loss = first.loss
         if not all_finite([loss if isinstance(loss, Tensor) else torch.tensor(float(loss))]):
             raise _Skip("nonfinite_loss")

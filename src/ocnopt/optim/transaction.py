@@ -50,10 +50,13 @@ class StepTransaction:
 
     Args:
         buffers: module buffers to restore on rollback (e.g. BatchNorm running statistics).
+        atomic: ``False`` keeps the staging but drops backups, snapshots and checks (a
+            measurement-only switch: what all-or-nothing steps cost).
     """
 
-    def __init__(self, buffers: Iterable[Tensor] = ()) -> None:
-        self._buffers = [(b, b.detach().clone()) for b in buffers]
+    def __init__(self, buffers: Iterable[Tensor] = (), atomic: bool = True) -> None:
+        self.atomic = atomic
+        self._buffers = [(b, b.detach().clone()) for b in buffers] if atomic else []
         self._backups: dict[Tensor, Tensor] = {}
         self.staged: dict[Any, dict[str, Any]] = {}
         self.grads: dict[Tensor, Tensor] = {}
@@ -63,7 +66,7 @@ class StepTransaction:
     # ---------------------------------------------------------------- writes
     def touch(self, param: Tensor) -> Tensor:
         """Back up ``param`` before its first in-place update in this step; returns it."""
-        if param not in self._backups:
+        if self.atomic and param not in self._backups:
             self._backups[param] = param.detach().clone()
             self._watch.append(param)
         return param
@@ -88,7 +91,7 @@ class StepTransaction:
         Parameters are checked with their values at the time of the call.
         """
         new, self._checked = self._watch[self._checked:], len(self._watch)
-        return all_finite(new)
+        return all_finite(new) if self.atomic else True
 
     def commit(self, state: Any) -> None:
         """Write the staged entries into ``state`` (a ``defaultdict(dict)`` keyed by parameter)
