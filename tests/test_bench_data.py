@@ -15,6 +15,7 @@ from ocnopt.bench import data
 from ocnopt.bench.data import (
     DATASETS,
     NORMALISATION,
+    DatasetError,
     DatasetUnavailableError,
     available_datasets,
     load_dataset,
@@ -129,7 +130,7 @@ def test_idx_loader_layouts(tmp_path, no_debian, name, layout):
     folder = {"torchvision": tmp_path / _SUB[name] / "raw", "raw": tmp_path / "raw",
               "direct": tmp_path}[layout]
     arrays = make_idx_tree(folder, gz=(layout != "raw"))
-    s = load_dataset(name, data_dir=tmp_path)
+    s = load_dataset(name, data_dir=tmp_path, verify=False)
     assert s.name == name and s.num_classes == 10 and s.input_shape == (1, 28, 28)
     assert s.sizes == (55, 5, 20)  # val = last 60 // 12 = 5 of the training file
     assert str(folder) in s.source
@@ -147,29 +148,35 @@ def test_idx_loader_layouts(tmp_path, no_debian, name, layout):
 
 def test_idx_loader_flatten_and_subset(tmp_path, no_debian):
     arrays = make_idx_tree(tmp_path / "MNIST" / "raw", n_train=120, n_test=10)
-    full = load_dataset("mnist", data_dir=tmp_path, flatten=True)
+    full = load_dataset("mnist", data_dir=tmp_path, flatten=True, verify=False)
     assert full.input_shape == (784,) and full.train.tensors[0].shape == (110, 784)
-    sub = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=5)
+    sub = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=5, verify=False)
     assert sub.sizes == (30, 10, 10)
     y_full = arrays["train-labels-idx1-ubyte"][:110].astype(np.int64)
     counts_full = np.bincount(y_full, minlength=10)
     counts_sub = np.bincount(sub.train.tensors[1].numpy(), minlength=10)
     assert np.all(np.abs(counts_sub - counts_full * 30 / 110) < 1 + 1e-9)  # stratified
-    again = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=99)
+    again = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=99, verify=False)
     assert torch.equal(sub.train.tensors[0], again.train.tensors[0])
     assert torch.equal(sub.val.tensors[0], full.val.tensors[0].reshape(-1, 1, 28, 28))
-    assert load_dataset("mnist", data_dir=tmp_path, subset=10_000).sizes == (110, 10, 10)
+    assert load_dataset("mnist", data_dir=tmp_path, subset=10_000,
+                        verify=False).sizes == (110, 10, 10)
     with pytest.raises(ValueError, match="subset"):
-        load_dataset("mnist", data_dir=tmp_path, subset=0)
+        load_dataset("mnist", data_dir=tmp_path, subset=0, verify=False)
 
 
-def test_fashion_mnist_falls_back_to_debian_dir(tmp_path, monkeypatch):
+def test_fashion_mnist_uses_debian_dir_only_without_data_dir(tmp_path, monkeypatch):
     deb = tmp_path / "debian"
     make_idx_tree(deb, n_train=24, n_test=6)
     monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", deb)
-    for data_dir in (None, tmp_path / "empty"):
-        s = load_dataset("Fashion_MNIST", data_dir=data_dir)
-        assert s.sizes == (22, 2, 6) and "Debian" in s.source
+    s = load_dataset("Fashion_MNIST", verify=False)
+    assert s.sizes == (22, 2, 6) and "Debian" in s.source
+    # a given --data-dir is the only place searched: no silent fall-back to the Debian copy
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetUnavailableError, match="empty"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty", verify=False)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "no-such-dir", verify=False)
 
 
 def test_missing_fashion_mnist_message(tmp_path, no_debian):
@@ -193,11 +200,11 @@ def test_missing_mnist_kmnist_message(tmp_path, name):
 def test_partial_and_inconsistent_idx_files(tmp_path, no_debian):
     make_idx_tree(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DatasetUnavailableError, match="lacks t10k-labels-idx1-ubyte"):
-        load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(DatasetError, match="lacks t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", data_dir=tmp_path, verify=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(7, np.uint8), gz=False)
-    with pytest.raises(ValueError, match="inconsistent test"):
-        load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(DatasetError, match="inconsistent test"):
+        load_dataset("mnist", data_dir=tmp_path, verify=False)
 
 
 def test_normalisation_constants():
@@ -208,19 +215,19 @@ def test_normalisation_constants():
 
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
-        load_dataset("cifar10")
+        load_dataset("cifar100")
 
 
 def test_available_datasets(tmp_path, no_debian):
     empty = available_datasets(tmp_path)
     assert set(empty) == set(DATASETS)
-    for name in ("mnist", "kmnist", "fashion-mnist"):
+    for name in ("mnist", "kmnist", "fashion-mnist", "cifar10", "svhn"):
         ok, why = empty[name]
         assert not ok and "--data-dir" in why
     assert empty["digits"][0] and empty["wine"][0]
     make_idx_tree(tmp_path / "KMNIST" / "raw")
     avail = available_datasets(tmp_path)
-    assert avail["kmnist"] == (True, f"idx files in {tmp_path / 'KMNIST' / 'raw'}")
+    assert avail["kmnist"] == (True, f"files in {tmp_path / 'KMNIST' / 'raw'}")
     assert not avail["mnist"][0] and not avail["fashion-mnist"][0]
 
 

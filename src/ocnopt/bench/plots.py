@@ -12,6 +12,7 @@ Files are named ``<experiment>__<what>.png``:
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import warnings
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ocnopt.bench.outdir import atomic_write_bytes
 
 __all__ = ["FIGSIZE", "DPI", "render_plots"]
 
@@ -39,9 +42,11 @@ def _figure(nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save ``fig`` as PNG at ``path`` atomically (a reader never sees half a file)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -1,8 +1,8 @@
-"""Summaries, issue-3 targets, schema validation and output files (JSON, CSV, Markdown).
+"""Summaries, targets and output files (JSON, CSV, Markdown) of a benchmark suite.
 
 :func:`summarise` turns the raw ``results.json`` content (experiments + run records) into
-per-optimizer statistics; :func:`compute_targets` evaluates the four targets of the benchmark
-issue as measured ratios with PASS / MISS / N/A; :func:`render` writes ``results.json`` (with the
+per-optimizer statistics; :func:`compute_targets` evaluates the benchmark's targets as measured
+ratios with PASS / MISS / N/A; :func:`render` writes ``results.json`` (with the
 summary), ``results.csv``, ``speed.csv``, ``report.md`` and the plots; :func:`format_tables` is
 the text the CLI prints. Nothing here trains.
 """
@@ -10,6 +10,7 @@ the text the CLI prints. Nothing here trains.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import statistics
@@ -17,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ocnopt.bench.runner import SCHEMA_VERSION, write_json
+from ocnopt.bench.outdir import atomic_write_text, output_lock, write_json
+from ocnopt.bench.schema import validate_results
 from ocnopt.bench.suites import FIRST_ORDER
 
 __all__ = [
@@ -224,7 +226,7 @@ def _speed_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
                     peer_names: Sequence[str] = _PEER_NAMES) -> list[dict[str, Any]]:
-    """Evaluate the four targets of issue 3 from a :func:`summarise` result and speed rows.
+    """Evaluate the benchmark targets (a)-(d) from a :func:`summarise` result and speed rows.
 
     (a) best OCNOpt variant's mean final test acc / best first-order's, per compare experiment,
     PASS if >= 1; (b) best OCNOpt variant's time-to-target / Adam's on Fashion-MNIST CNN, PASS if
@@ -349,126 +351,6 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
     return out
 
 
-# --------------------------------------------------------------------------- schema
-
-
-# A tiny structural schema: a type / tuple of types, a dict of required keys, ("list", spec),
-# ("map", spec) for str-keyed dicts, or ("null", spec) for "spec or null".
-_NUM = (int, float)
-_HISTORY = {k: ("list", ("null", _NUM)) for k in (
-    "step", "epoch", "time_s", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")}
-_RUN = {
-    "run_id": str,
-    "config": {"dataset": str, "model": str, "optimizer": str, "lr": _NUM, "seed": int,
-               "epochs": int, "batch_size": int, "model_options": dict,
-               "subset": ("null", int), "eval_subset": ("null", int),
-               "eval_every": ("null", int),
-               "norm_every": ("null", int), "device": str},
-    "status": str, "diverged": bool, "diverged_at_step": ("null", int),
-    "nonfinite_steps": int, "chance_acc": _NUM, "last_finite": ("null", dict),
-    "steps": int, "steps_per_epoch": int, "train_time_s": _NUM,
-    "ms_per_step": ("null", _NUM), "peak_mem_mb": ("null", _NUM),
-    "final": {"train_loss": ("null", _NUM), "val_acc": _NUM, "test_acc": _NUM,
-              "val_loss": ("null", _NUM), "test_loss": ("null", _NUM)},
-    "history": _HISTORY,
-    "layer_norms": ("null", {"layers": ("list", str), "step": ("list", int),
-                             "update_norm": ("list", ("list", ("null", _NUM))),
-                             "grad_norm": ("list", ("list", ("null", _NUM)))}),
-}
-_OPT = {"name": str, "family": str, "best_lr": _NUM, "lr_source": str,
-        "lr_grid": ("list", _NUM),
-        "tuning": ("list", {"lr": _NUM, "run_id": str, "val_acc": _NUM, "diverged": bool}),
-        "runs": ("list", {"run_id": str, "seed": int, "lr": _NUM, "lr_multiplier": _NUM})}
-_EXP = {"name": str, "kind": str, "dataset": str, "model": str, "epochs": int,
-        "batch_size": int, "subset": ("null", int), "seeds": ("list", int), "status": str,
-        "skip_reason": ("null", str), "data": ("null", dict),
-        "lr_multipliers": ("null", ("list", _NUM)),
-        "skipped_optimizers": ("list", {"name": str, "reason": str}),
-        "optimizers": ("list", _OPT)}
-_SPEED_ROW = {"model": str, "optimizer": str, "ms_per_step": ("null", _NUM),
-              "ratio_to_adam": ("null", _NUM), "peak_mem_mb": ("null", _NUM),
-              "state_mb": ("null", _NUM)}
-RESULTS_SCHEMA: dict[str, Any] = {
-    "schema_version": int,
-    "complete": bool,
-    "suite": {"name": str, "description": str, "seeds": int, "lr_tuning": bool, "speed": bool,
-              "experiments": ("list", dict)},
-    "meta": {"command": str, "started_at": str, "device": str, "torch_version": str,
-             "runs_trained": int, "runs_reused": int, "wall_time_s": ("null", _NUM)},
-    "experiments": ("list", _EXP),
-    "runs": ("map", _RUN),
-    "speed": ("null", ("list", _SPEED_ROW)),
-    "speed_error": ("null", str),
-}
-
-
-def _check(obj: Any, spec: Any, path: str, errors: list[str]) -> None:
-    if isinstance(spec, dict):
-        if not isinstance(obj, dict):
-            errors.append(f"{path}: expected object, got {type(obj).__name__}")
-            return
-        for key, sub in spec.items():
-            if key not in obj:
-                errors.append(f"{path}.{key}: missing")
-            else:
-                _check(obj[key], sub, f"{path}.{key}", errors)
-    elif isinstance(spec, tuple) and spec and isinstance(spec[0], str):
-        tag, sub = spec
-        if tag == "null":
-            if obj is not None:
-                _check(obj, sub, path, errors)
-        elif tag == "list":
-            if not isinstance(obj, list):
-                errors.append(f"{path}: expected array, got {type(obj).__name__}")
-                return
-            for i, item in enumerate(obj):
-                _check(item, sub, f"{path}[{i}]", errors)
-        elif tag == "map":
-            if not isinstance(obj, dict):
-                errors.append(f"{path}: expected object, got {type(obj).__name__}")
-                return
-            for k, item in obj.items():
-                _check(item, sub, f"{path}[{k!r}]", errors)
-    else:
-        types = spec if isinstance(spec, tuple) else (spec,)
-        ok = isinstance(obj, types) and not (isinstance(obj, bool) and bool not in types)
-        if isinstance(obj, float) and not math.isfinite(obj):
-            ok = False
-        if not ok:
-            want = "/".join(t.__name__ for t in types)
-            errors.append(f"{path}: expected {want}, got {type(obj).__name__} {obj!r:.40}")
-
-
-def validate_results(obj: Any) -> list[str]:
-    """Check ``obj`` (parsed ``results.json``) against the documented schema.
-
-    Returns a list of error strings (empty when valid): missing keys, wrong types, non-finite
-    numbers, an unknown ``schema_version``, or run ids referenced but not present.
-    """
-    errors: list[str] = []
-    _check(obj, RESULTS_SCHEMA, "$", errors)
-    if errors:
-        return errors
-    if obj["schema_version"] != SCHEMA_VERSION:
-        errors.append(f"$.schema_version: {obj['schema_version']} != {SCHEMA_VERSION}")
-    for e in obj["experiments"]:
-        if e["kind"] not in ("compare", "robustness", "vanishing"):
-            errors.append(f"$.experiments[{e['name']}].kind: unknown {e['kind']!r}")
-        for o in e["optimizers"]:
-            for r in [*o["runs"], *o["tuning"]]:
-                if r["run_id"] not in obj["runs"]:
-                    errors.append(f"$.experiments[{e['name']}]: run {r['run_id']} not in $.runs")
-    for rid, r in obj["runs"].items():
-        if r["run_id"] != rid:
-            errors.append(f"$.runs[{rid!r}].run_id: {r['run_id']!r} differs from its key")
-        h = r["history"]
-        if len({len(v) for v in h.values()}) > 1:
-            errors.append(f"$.runs[{rid!r}].history: series of different lengths")
-        if r["status"] not in ("ok", "diverged") or (r["status"] == "diverged") != r["diverged"]:
-            errors.append(f"$.runs[{rid!r}].status: inconsistent with diverged")
-    return errors
-
-
 # --------------------------------------------------------------------------- formatting
 
 
@@ -560,7 +442,7 @@ def format_tables(results: dict[str, Any], summary: dict[str, Any],
         parts += ["## speed", _speed_table(results["speed"]), ""]
     elif results.get("speed_error"):
         parts += ["## speed", f"not run: {results['speed_error']}", ""]
-    parts += ["## targets (issue 3)", _targets_table(targets)]
+    parts += ["## targets", _targets_table(targets)]
     if not results.get("complete", True):
         parts.append("\nNOTE: the suite did not finish; these are partial results "
                      "(finish with --resume).")
@@ -656,11 +538,20 @@ def _csv_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _csv_text(rows: list[dict[str, Any]], fields: Sequence[str]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def render(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True
            ) -> tuple[str, list[Path]]:
     """Write summary+targets into ``results.json``, plus CSV, ``report.md`` and plots.
 
-    Returns ``(text of the tables, paths written)``.
+    Every file is written atomically while holding the output folder's lock. Returns
+    ``(text of the tables, paths written)``.
     """
     from ocnopt.bench import plots as plotting
 
@@ -669,22 +560,17 @@ def render(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True
     targets = compute_targets(summary, results.get("speed"))
     results = {**results, "summary": summary, "targets": targets}
     written: list[Path] = []
-    pngs = plotting.render_plots(results, summary, out / "plots") if plots else []
-    write_json(out / "results.json", results)
-    written.append(out / "results.json")
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(_csv_rows(summary))
-    written.append(out / "results.csv")
-    if results.get("speed"):
-        keys = list(dict.fromkeys(k for r in results["speed"] for k in r))
-        with open(out / "speed.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(results["speed"])
-        written.append(out / "speed.csv")
-    (out / "report.md").write_text(_markdown(results, summary, targets, pngs, out))
-    written.append(out / "report.md")
+    with output_lock(out):
+        pngs = plotting.render_plots(results, summary, out / "plots") if plots else []
+        write_json(out / "results.json", results)
+        written.append(out / "results.json")
+        atomic_write_text(out / "results.csv", _csv_text(_csv_rows(summary), _CSV_FIELDS))
+        written.append(out / "results.csv")
+        if results.get("speed"):
+            keys = list(dict.fromkeys(k for r in results["speed"] for k in r))
+            atomic_write_text(out / "speed.csv", _csv_text(results["speed"], keys))
+            written.append(out / "speed.csv")
+        atomic_write_text(out / "report.md", _markdown(results, summary, targets, pngs, out))
+        written.append(out / "report.md")
     written += pngs
     return format_tables(results, summary, targets), written

@@ -47,9 +47,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from ocnopt.bench.data import DatasetSplits, DatasetUnavailableError, load_dataset
+from ocnopt.bench.data import DatasetError, DatasetSplits, DatasetUnavailableError, load_dataset
 from ocnopt.bench.models import build_model, count_parameters
 from ocnopt.bench.optimizers import OPTIMIZERS, OptimizerSpec, get_optimizer, train_step
+from ocnopt.bench.outdir import BenchError, check_writable, output_lock, write_json
+from ocnopt.bench.schema import SCHEMA_VERSION, validate_run
 from ocnopt.bench.suites import Experiment, Suite
 
 __all__ = [
@@ -69,16 +71,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 #: Consecutive non-finite minibatch losses after which a run counts as diverged.
 DIVERGE_PATIENCE = 20
 #: ``tiny_only`` optimizers (exact vanilla DDP) run only on models with at most this many params.
 TINY_MAX_PARAMS = 2000
 _CONV_MODELS = ("cnn", "small-cnn")
-
-
-class BenchError(RuntimeError):
-    """A benchmark cannot run as asked (the message says why); the CLI prints it cleanly."""
 
 
 class SpeedUnavailableError(BenchError):
@@ -126,14 +123,6 @@ def _finite_or_none(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (no NaN) atomically (tmp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def load_results(out_dir: Path) -> dict[str, Any]:
     """Read ``out_dir/results.json``; ``BenchError`` if missing or unreadable."""
     path = Path(out_dir) / "results.json"
@@ -141,9 +130,9 @@ def load_results(out_dir: Path) -> dict[str, Any]:
         raise BenchError(f"no results.json in {out_dir} (run `ocnopt bench --out {out_dir}` "
                          "first, or add --resume to finish an interrupted suite)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"{path} is not valid JSON: {exc}") from exc
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
+        raise BenchError(f"{path} is not readable JSON: {exc}") from None
 
 
 @contextmanager
@@ -176,7 +165,9 @@ def _evaluate(model: nn.Module, ds: TensorDataset, dev: torch.device,
         loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
     model.train(was_training)
-    n = max(len(y_all), 1)
+    n = len(y_all)
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty split")
     return loss_sum / n, correct / n
 
 
@@ -361,6 +352,42 @@ def run_speed(out_dir: Path, device: str, quick: bool) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+# --------------------------------------------------------------------------- run files
+
+
+def _reusable_record(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The finished record of ``cfg`` stored in ``path``, or ``None`` when there is none.
+
+    Anything unusable there (unreadable, not UTF-8, not JSON, not a run record, a directory,
+    the record of another configuration) is treated as missing, with a warning naming the file,
+    so that ``--resume`` trains that run again instead of aborting the suite.
+    """
+    if not os.path.lexists(path):
+        return None
+    try:
+        rec = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
+        log.warning("unreadable run file %s (%s): training this run again", path, exc)
+        return None
+    errors = validate_run(rec)
+    if errors:
+        log.warning("malformed run file %s (%s): training this run again", path,
+                    "; ".join(errors[:3]))
+        return None
+    if rec["config"] != cfg.to_dict() or rec["run_id"] != cfg.run_id():
+        log.warning("run file %s holds another configuration: training this run again", path)
+        return None
+    return rec
+
+
+def _move_aside_if_directory(path: Path) -> None:
+    """A directory where a run file belongs would make the write fail: rename it (kept)."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f"{path.name}.not-a-run-file-{os.getpid()}-{int(time.time())}")
+        path.rename(aside)
+        log.warning("%s was a directory, not a run file: moved it to %s", path, aside)
+
+
 # --------------------------------------------------------------------------- suites
 
 
@@ -368,17 +395,18 @@ class _SuiteRun:
     """State of one suite execution: run store, dataset cache, counters, progress bar."""
 
     def __init__(self, suite: Suite, out_dir: Path, *, device: str, resume: bool,
-                 data_dir: str | Path | None, strict_data: bool, progress: bool) -> None:
+                 data_dir: str | Path | None, strict_data: bool, verify_data: bool,
+                 progress: bool) -> None:
         from tqdm.auto import tqdm
 
         self.suite, self.out_dir, self.device = suite, Path(out_dir), device
         self.resume, self.data_dir, self.strict = resume, data_dir, strict_data
-        self.progress = progress
+        self.progress, self.verify_data = progress, verify_data
         self.runs_dir = self.out_dir / "runs"
         self.records: dict[str, dict[str, Any]] = {}
         self.trained: list[str] = []
         self.reused: list[str] = []
-        self._data: dict[tuple[str, bool | None, int | None], DatasetSplits] = {}
+        self._data: dict[tuple[Any, ...], DatasetSplits] = {}
         self.bar = tqdm(total=0, desc=f"{suite.name} runs", unit="run", file=sys.stderr,
                         disable=not progress, dynamic_ncols=True)
 
@@ -389,21 +417,14 @@ class _SuiteRun:
             self.bar.update(1)
             return self.records[rid]
         path = self.runs_dir / f"{rid}.json"
-        rec: dict[str, Any] | None = None
-        if self.resume and path.is_file():
-            try:
-                rec = json.loads(path.read_text())
-                if rec.get("config") != cfg.to_dict():
-                    rec = None
-            except (OSError, json.JSONDecodeError):
-                log.warning("unreadable run file %s: training it again", path)
-                rec = None
+        rec = _reusable_record(path, cfg) if self.resume else None
         if rec is not None:
             self.reused.append(rid)
         else:
             self.bar.set_postfix_str(f"{cfg.dataset}/{cfg.model} {cfg.optimizer} "
                                      f"lr={cfg.lr:.3g} s{cfg.seed}", refresh=False)
             rec = train_run(cfg, data, progress=self.progress)
+            _move_aside_if_directory(path)
             write_json(path, rec)
             self.trained.append(rid)
             if rec["diverged"]:
@@ -413,19 +434,39 @@ class _SuiteRun:
         return rec
 
     # ---- data
-    def data(self, exp: Experiment) -> DatasetSplits:
+    def _data_key(self, exp: Experiment) -> tuple[Any, ...]:
         flatten = False if exp.model in _CONV_MODELS else None
-        key = (exp.dataset, flatten, exp.subset, exp.eval_subset)
+        return (exp.dataset, flatten, exp.subset, exp.eval_subset)
+
+    def data(self, exp: Experiment) -> DatasetSplits:
+        """The experiment's dataset (only the most recent one is kept in memory)."""
+        key = self._data_key(exp)
         if key not in self._data:
-            data = load_dataset(exp.dataset, data_dir=self.data_dir, flatten=flatten,
-                                subset=exp.subset)
-            if exp.eval_subset is not None:  # first N of the fixed val/test splits
-                n = exp.eval_subset
+            dataset, flatten, subset, eval_subset = key
+            data = load_dataset(dataset, data_dir=self.data_dir, flatten=flatten, subset=subset,
+                                verify=self.verify_data)
+            if eval_subset is not None:  # first N of the fixed val/test splits
                 data = dataclasses.replace(
-                    data, val=TensorDataset(*(t[:n] for t in data.val.tensors)),
-                    test=TensorDataset(*(t[:n] for t in data.test.tensors)))
-            self._data[key] = data
+                    data, val=TensorDataset(*(t[:eval_subset] for t in data.val.tensors)),
+                    test=TensorDataset(*(t[:eval_subset] for t in data.test.tensors)))
+            self._data = {key: data}
         return self._data[key]
+
+    def preflight(self) -> None:
+        """Load every experiment's dataset once before anything trains, so that files which are
+        there but unusable (incomplete, corrupt, another dataset's, an empty split) stop the
+        suite at once instead of after hours; missing datasets are handled per experiment."""
+        seen: set[tuple[Any, ...]] = set()
+        for exp in self.suite.experiments:
+            if self._data_key(exp) in seen:
+                continue
+            seen.add(self._data_key(exp))
+            try:
+                self.data(exp)
+            except DatasetError as exc:
+                raise BenchError(f"{exp.name}: {exc}") from None
+            except (DatasetUnavailableError, ValueError):
+                continue  # reported by experiment(): skipped, or an error under strict_data
 
     # ---- experiments
     def _resolve(self, exp: Experiment, data: DatasetSplits
@@ -478,6 +519,8 @@ class _SuiteRun:
         }
         try:
             data = self.data(exp)
+        except DatasetError as exc:
+            raise BenchError(f"{exp.name}: {exc}") from None
         except (DatasetUnavailableError, ValueError) as exc:
             if self.strict:
                 raise BenchError(f"{exp.name}: {exc}") from exc
@@ -561,22 +604,36 @@ def run_suite(
     resume: bool = False,
     data_dir: str | Path | None = None,
     strict_data: bool = False,
+    verify_data: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``suite``; write ``runs/*.json`` and ``results.json`` under ``out_dir``; return results.
 
-    ``resume`` reuses finished run files (same config hash); without it every run is trained
-    again and its file overwritten. ``strict_data`` turns a missing dataset or an incompatible
-    dataset/model pair into an error instead of a skipped experiment. ``results.json`` is
-    rewritten after every experiment with ``complete: false`` until the suite has finished.
+    ``resume`` reuses finished run files (same config hash; unusable files are trained again);
+    without it every run is trained again and its file overwritten. ``strict_data`` turns a
+    missing dataset or an incompatible dataset/model pair into an error instead of a skipped
+    experiment; files that are there but unusable are always an error, raised before anything
+    trains (``verify_data``: check the official checksums, see ``load_dataset``).
+    ``results.json`` is rewritten after every experiment with ``complete: false`` until the
+    suite has finished. The output folder is checked for writability first and locked while
+    the suite runs (:func:`ocnopt.bench.outdir.output_lock`).
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError(f"--device {device} requested but torch.cuda.is_available() is False")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    with output_lock(out):
+        return _run_suite_locked(suite, out, device=device, resume=resume, data_dir=data_dir,
+                                 strict_data=strict_data, verify_data=verify_data,
+                                 progress=progress)
+
+
+def _run_suite_locked(suite: Suite, out: Path, *, device: str, resume: bool,
+                      data_dir: str | Path | None, strict_data: bool, verify_data: bool,
+                      progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     state = _SuiteRun(suite, out, device=device, resume=resume, data_dir=data_dir,
-                      strict_data=strict_data, progress=progress)
+                      strict_data=strict_data, verify_data=verify_data, progress=progress)
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "complete": False, "suite": suite.to_dict(),
         "meta": _meta(suite, device, data_dir), "experiments": [], "runs": state.records,
@@ -589,6 +646,7 @@ def run_suite(
         write_json(out / "results.json", results)
 
     try:
+        state.preflight()
         for exp in suite.experiments:
             results["experiments"].append(state.experiment(exp))
             save()
