@@ -318,3 +318,121 @@ def test_wine():
     assert torch.equal(s.val.tensors[0], load_dataset("wine", seed=4).val.tensors[0])
     with pytest.raises(ValueError, match="tabular"):
         load_dataset("wine", flatten=False)
+
+
+# --------------------------------------------------------------------------- CIFAR-10 and SVHN
+
+
+def write_cifar10(root: Path, n_per_batch: int = 4, n_test: int = 6, seed: int = 0) -> dict:
+    """``cifar-10-batches-py/`` as in the python release: pickled dicts (protocol 2) with
+    ``batch_label``, ``labels`` (list), ``data`` (uint8 (N, 3072), channel-major rows),
+    ``filenames``."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    out = {}
+    for name, n in [*((f"data_batch_{k}", n_per_batch) for k in range(1, 6)),
+                    ("test_batch", n_test)]:
+        d = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"batch_label": f"{name} of 5", "labels": labels, "data": d,
+                         "filenames": [f"img_{i}.png" for i in range(n)]}, fh, protocol=2)
+        out[name] = (d, labels)
+    return out
+
+
+def test_read_cifar10_generated(tmp_path):
+    raw = write_cifar10(tmp_path)
+    got = data.read_cifar10(tmp_path / "cifar-10-batches-py")
+    assert got["train_x"].shape == (20, 3, 32, 32) and got["test_x"].shape == (6, 3, 32, 32)
+    d1, l1 = raw["data_batch_1"]
+    # row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32
+    np.testing.assert_array_equal(got["train_x"][0, 1, 2, 3], d1[0, 1024 + 2 * 32 + 3])
+    np.testing.assert_array_equal(got["train_y"][:4], l1)
+    np.testing.assert_array_equal(got["test_y"], raw["test_batch"][1])
+
+
+def test_load_cifar10_generated(tmp_path):
+    raw = write_cifar10(tmp_path, n_per_batch=12)
+    s = load_dataset("cifar10", data_dir=tmp_path, verify=False)
+    assert s.sizes == (55, 5, 6) and s.input_shape == (3, 32, 32) and s.num_classes == 10
+    x_train = np.concatenate([raw[f"data_batch_{k}"][0] for k in range(1, 6)])
+    x_train = x_train.reshape(-1, 3, 32, 32).astype(np.float64) / 255
+    mean = x_train[:55].mean(axis=(0, 2, 3), keepdims=True)
+    std = x_train[:55].std(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(s.val.tensors[0].numpy(), ((x_train - mean) / std)[55:],
+                               atol=1e-5)
+    xt = s.train.tensors[0].numpy()
+    np.testing.assert_allclose(xt.mean(axis=(0, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(xt.std(axis=(0, 2, 3)), 1, atol=1e-4)
+    assert load_dataset("cifar-10", data_dir=tmp_path / "cifar-10-batches-py", flatten=True,
+                        verify=False).input_shape == (3072,)
+    with pytest.raises(DatasetError, match="differ from the official release"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DatasetError, match="lacks data_batch_3"):
+        load_dataset("cifar10", data_dir=tmp_path, verify=False)
+
+
+def test_cifar_reader_refuses_code_in_pickles(tmp_path):
+    write_cifar10(tmp_path)
+    evil = b"cos\nsystem\n(S'echo pwned'\ntR."  # protocol-0 pickle calling os.system
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(evil)
+    with pytest.raises(DatasetError, match="refusing to load os.system"):
+        data.read_cifar10(tmp_path / "cifar-10-batches-py")
+
+
+def write_svhn(folder: Path, n_train: int = 24, n_test: int = 7, seed: int = 0) -> dict:
+    """``train_32x32.mat`` / ``test_32x32.mat`` as published: MATLAB v5 files with ``X`` uint8
+    (32, 32, 3, N) and ``y`` uint8 (N, 1) in 1..10 (10 = digit 0)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+        y[0, 0] = 10
+        savemat(folder / name, {"X": x, "y": y})
+        out[name] = (x, y)
+    return out
+
+
+def test_read_svhn_generated(tmp_path):
+    pytest.importorskip("scipy")
+    raw = write_svhn(tmp_path)
+    x, y = data.read_svhn(tmp_path / "train_32x32.mat")
+    rx, ry = raw["train_32x32.mat"]
+    assert x.shape == (24, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    # X[h, w, c, i] is image i, channel c, row h, column w
+    np.testing.assert_array_equal(x[5, 2, 7, 11], rx[7, 11, 2, 5])
+    np.testing.assert_array_equal(y, ry[:, 0] % 10)
+    assert y[0] == 0 and y.max() <= 9
+
+
+@pytest.mark.parametrize("sub", ["", "svhn"])
+def test_load_svhn_generated(tmp_path, sub):
+    pytest.importorskip("scipy")
+    write_svhn(tmp_path / sub)
+    s = load_dataset("svhn", data_dir=tmp_path, verify=False)
+    assert s.sizes == (22, 2, 7) and s.input_shape == (3, 32, 32)
+    with pytest.raises(DatasetError, match="differ from the official release"):
+        load_dataset("svhn", data_dir=tmp_path)
+    (tmp_path / sub / "test_32x32.mat").unlink()
+    with pytest.raises(DatasetError, match="lacks test_32x32.mat"):
+        load_dataset("svhn", data_dir=tmp_path, verify=False)
+
+
+def test_svhn_bad_labels(tmp_path):
+    pytest.importorskip("scipy")
+    from scipy.io import savemat
+
+    write_svhn(tmp_path)
+    savemat(tmp_path / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8),
+                                          "y": np.array([[0], [3]], np.uint8)})
+    with pytest.raises(DatasetError, match="1..10"):
+        load_dataset("svhn", data_dir=tmp_path, verify=False)
