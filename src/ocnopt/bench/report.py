@@ -13,14 +13,25 @@ import csv
 import io
 import logging
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ocnopt.bench.outdir import atomic_write_text, output_lock, write_json
+from ocnopt.bench.paper import DDPNOPT_SOURCE, PAPER_PROTOCOL
+from ocnopt.bench.paper_report import (
+    ablation_summary,
+    ablation_tables,
+    cost_summary,
+    cost_table,
+    paper_detail_table,
+    paper_summary,
+    paper_table,
+    paper_targets,
+)
 from ocnopt.bench.schema import validate_results
 from ocnopt.bench.suites import FIRST_ORDER
+from ocnopt.bench.tables import fmt, make_target, md_table, mean_or_none, pm, std_or_none
 
 __all__ = [
     "PROTOCOL",
@@ -72,14 +83,8 @@ PROTOCOL = """\
 # --------------------------------------------------------------------------- statistics
 
 
-def _mean(xs: Sequence[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.fmean(vals) if vals else None
 
 
-def _std(xs: Sequence[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.stdev(vals) if len(vals) >= 2 else None
 
 
 def time_to_target(run: dict[str, Any], target: float | None) -> float | None:
@@ -109,14 +114,14 @@ def _row(opt: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
         "best_lr": opt["best_lr"],
         "n_runs": len(runs),
         "n_diverged": sum(bool(r["diverged"]) for r in runs),
-        "test_acc_mean": _mean([r["final"]["test_acc"] for r in runs]),
-        "test_acc_std": _std([r["final"]["test_acc"] for r in runs]),
-        "train_loss_mean": _mean([r["final"]["train_loss"] for r in runs]),
-        "train_loss_std": _std([r["final"]["train_loss"] for r in runs]),
-        "val_acc_mean": _mean([r["final"]["val_acc"] for r in runs]),
-        "ms_per_step": _mean([r["ms_per_step"] for r in runs]),
-        "train_time_s": _mean([r["train_time_s"] for r in runs]),
-        "peak_mem_mb": _mean([r["peak_mem_mb"] for r in runs]),
+        "test_acc_mean": mean_or_none([r["final"]["test_acc"] for r in runs]),
+        "test_acc_std": std_or_none([r["final"]["test_acc"] for r in runs]),
+        "train_loss_mean": mean_or_none([r["final"]["train_loss"] for r in runs]),
+        "train_loss_std": std_or_none([r["final"]["train_loss"] for r in runs]),
+        "val_acc_mean": mean_or_none([r["final"]["val_acc"] for r in runs]),
+        "ms_per_step": mean_or_none([r["ms_per_step"] for r in runs]),
+        "train_time_s": mean_or_none([r["train_time_s"] for r in runs]),
+        "peak_mem_mb": mean_or_none([r["peak_mem_mb"] for r in runs]),
         "ttt_s": None,
         "ttt_reached": None,
     }
@@ -129,10 +134,10 @@ def _layer_norm_means(runs: list[dict[str, Any]], key: str) -> list[float | None
         if not ln or not ln[key]:
             continue
         cols = list(zip(*ln[key], strict=True))
-        per_run.append([_mean(list(c)) for c in cols])
+        per_run.append([mean_or_none(list(c)) for c in cols])
     if not per_run:
         return None
-    return [_mean(list(v)) for v in zip(*per_run, strict=True)]
+    return [mean_or_none(list(v)) for v in zip(*per_run, strict=True)]
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -141,9 +146,16 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for exp in results["experiments"]:
         s: dict[str, Any] = {"name": exp["name"], "kind": exp["kind"], "dataset": exp["dataset"],
                              "model": exp["model"], "status": exp["status"],
-                             "skip_reason": exp["skip_reason"], "target_acc": None, "rows": []}
+                             "skip_reason": exp["skip_reason"], "target_acc": None, "rows": [],
+                             "loss": exp.get("loss", "cross_entropy"), "paper": None,
+                             "ablation": None}
         out[exp["name"]] = s
+        if exp.get("paper"):  # also for a skipped row: the paper's numbers are still shown
+            s["paper"] = paper_summary(exp, [])
         if exp["status"] != "ok":
+            continue
+        if exp["kind"] == "ablation":
+            s["ablation"] = ablation_summary(exp, results["runs"])
             continue
         if exp["kind"] == "robustness":
             for opt in exp["optimizers"]:
@@ -153,7 +165,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                     accs = [r["final"]["test_acc"] for r in runs]
                     by_m.append({"multiplier": m, "lr": opt["best_lr"] * m, "n_runs": len(runs),
                                  "n_diverged": sum(bool(r["diverged"]) for r in runs),
-                                 "test_acc_mean": _mean(accs), "test_acc_std": _std(accs)})
+                                 "test_acc_mean": mean_or_none(accs),
+                                 "test_acc_std": std_or_none(accs)})
                 valid = [b for b in by_m if b["test_acc_mean"] is not None]
                 worst = min(valid, key=lambda b: b["test_acc_mean"]) if valid else None
                 s["rows"].append({
@@ -181,19 +194,16 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 ttts = [time_to_target(r, target) for r in runs]
                 reached = [t for t in ttts if t is not None]
                 row["ttt_reached"] = f"{len(reached)}/{len(runs)}"
-                row["ttt_s"] = _mean(reached) if len(reached) == len(runs) else None
+                row["ttt_s"] = mean_or_none(reached) if len(reached) == len(runs) else None
             s["rows"].append(row)
+        if exp.get("paper"):
+            s["paper"] = paper_summary(exp, s["rows"])
     return {"experiments": out}
 
 
 # --------------------------------------------------------------------------- targets
 
 
-def _target(tid: str, what: str, status: str, *, experiment: str | None = None,
-            measured: float | None = None, threshold: float | None = None,
-            comparison: str | None = None, detail: str = "") -> dict[str, Any]:
-    return {"id": tid, "target": what, "experiment": experiment, "measured": measured,
-            "threshold": threshold, "comparison": comparison, "status": status, "detail": detail}
 
 
 def _best(rows: list[dict[str, Any]], key: str, pred: Callable[[dict[str, Any]], bool],
@@ -242,83 +252,83 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
     compare = [e for e in exps.values() if e["kind"] == "compare"]
     for e in compare:
         if e["status"] != "ok":
-            out.append(_target("a", what_a, "N/A", experiment=e["name"],
+            out.append(make_target("a", what_a, "N/A", experiment=e["name"],
                                detail=f"experiment skipped: {e['skip_reason']}"))
             continue
         ocn = _best(e["rows"], "test_acc_mean", _is_ocn)
         fo = _best(e["rows"], "test_acc_mean", lambda r: r["optimizer"] in FIRST_ORDER)
         if ocn is None or fo is None:
-            out.append(_target("a", what_a, "N/A", experiment=e["name"],
+            out.append(make_target("a", what_a, "N/A", experiment=e["name"],
                                detail="needs an OCNOpt variant and a first-order baseline"))
             continue
         ratio = ocn["test_acc_mean"] / fo["test_acc_mean"] if fo["test_acc_mean"] else None
         ok = ocn["test_acc_mean"] >= fo["test_acc_mean"]
-        out.append(_target(
+        out.append(make_target(
             "a", what_a, "PASS" if ok else "MISS", experiment=e["name"], measured=ratio,
             threshold=1.0, comparison=">=",
             detail=(f"{ocn['optimizer']} {ocn['test_acc_mean']:.4f} vs {fo['optimizer']} "
                     f"{fo['test_acc_mean']:.4f}")))
     if not compare:
-        out.append(_target("a", what_a, "N/A", detail="no compare experiment in this suite"))
+        out.append(make_target("a", what_a, "N/A", detail="no compare experiment in this suite"))
 
     what_b = f"OCNOpt time-to-target <= {TTT_RATIO_MAX}x Adam's on Fashion-MNIST CNN"
     fm = [e for e in compare if e["dataset"] == "fashion-mnist" and e["model"] == "cnn"]
     for e in fm:
         adam = next((r for r in e["rows"] if r["optimizer"] == "adam"), None)
         if e["status"] != "ok":
-            out.append(_target("b", what_b, "N/A", experiment=e["name"],
+            out.append(make_target("b", what_b, "N/A", experiment=e["name"],
                                detail=f"experiment skipped: {e['skip_reason']}"))
         elif adam is None or adam["ttt_s"] is None:
-            out.append(_target("b", what_b, "N/A", experiment=e["name"],
+            out.append(make_target("b", what_b, "N/A", experiment=e["name"],
                                detail="Adam did not run or did not reach the target in every seed"))
         else:
             ocn = _best(e["rows"], "ttt_s", _is_ocn, lower=True)
             if ocn is None:
                 reached = ", ".join(f"{r['optimizer']} {r['ttt_reached']}" for r in e["rows"]
                                     if _is_ocn(r))
-                out.append(_target("b", what_b, "MISS", experiment=e["name"],
+                out.append(make_target("b", what_b, "MISS", experiment=e["name"],
                                    threshold=TTT_RATIO_MAX, comparison="<=",
                                    detail=f"no OCNOpt variant reached the target in every seed "
                                           f"({reached or 'none ran'})"))
             else:
                 ratio = ocn["ttt_s"] / adam["ttt_s"] if adam["ttt_s"] > 0 else math.inf
-                out.append(_target(
+                out.append(make_target(
                     "b", what_b, "PASS" if ratio <= TTT_RATIO_MAX else "MISS",
                     experiment=e["name"], measured=ratio if math.isfinite(ratio) else None,
                     threshold=TTT_RATIO_MAX, comparison="<=",
                     detail=f"{ocn['optimizer']} {ocn['ttt_s']:.2f}s vs adam {adam['ttt_s']:.2f}s"
                            f" (target acc {e['target_acc']:.4f})"))
     if not fm:
-        out.append(_target("b", what_b, "N/A", detail="Fashion-MNIST CNN not in this run"))
+        out.append(make_target("b", what_b, "N/A", detail="Fashion-MNIST CNN not in this run"))
 
     what_c = "OCNOpt worst acc over the lr grid > Adam's and SGD's"
     rob = [e for e in exps.values() if e["kind"] == "robustness"]
     for e in rob:
         if e["status"] != "ok":
-            out.append(_target("c", what_c, "N/A", experiment=e["name"],
+            out.append(make_target("c", what_c, "N/A", experiment=e["name"],
                                detail=f"experiment skipped: {e['skip_reason']}"))
             continue
         ocn = _best(e["rows"], "worst_acc", _is_ocn)
         base = [r for r in e["rows"] if r["optimizer"] in ("adam", "sgd")
                 and r["worst_acc"] is not None]
         if ocn is None or not base:
-            out.append(_target("c", what_c, "N/A", experiment=e["name"],
+            out.append(make_target("c", what_c, "N/A", experiment=e["name"],
                                detail="needs an OCNOpt variant and adam or sgd"))
             continue
         ref = max(base, key=lambda r: r["worst_acc"])
         ratio = ocn["worst_acc"] / ref["worst_acc"] if ref["worst_acc"] > 0 else math.inf
         others = ", ".join(f"{r['optimizer']} {r['worst_acc']:.4f}" for r in base)
-        out.append(_target(
+        out.append(make_target(
             "c", what_c, "PASS" if ocn["worst_acc"] > ref["worst_acc"] else "MISS",
             experiment=e["name"], measured=ratio if math.isfinite(ratio) else None,
             threshold=1.0, comparison=">",
             detail=f"{ocn['optimizer']} {ocn['worst_acc']:.4f} vs {others}"))
     if not rob:
-        out.append(_target("c", what_c, "N/A", detail="no robustness experiment in this run"))
+        out.append(make_target("c", what_c, "N/A", detail="no robustness experiment in this run"))
 
     what_d = "OCNOpt ms/step <= every external second-order peer's"
     if not speed:
-        out.append(_target("d", what_d, "N/A", detail="speed suite not run"))
+        out.append(make_target("d", what_d, "N/A", detail="speed suite not run"))
     else:
         models = list(dict.fromkeys(r["model"] for r in speed))
         any_peer = False
@@ -330,7 +340,7 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
                 continue
             any_peer = True
             if not ocn:
-                out.append(_target("d", what_d, "N/A", experiment=f"speed:{model}",
+                out.append(make_target("d", what_d, "N/A", experiment=f"speed:{model}",
                                    detail="no OCNOpt row measured"))
                 continue
             ref = _speed_reference(ocn)
@@ -338,7 +348,7 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
             hi = max(r["ms_per_step"] for r in ocn)
             for p in peers:
                 ratio = ref["ms_per_step"] / p["ms_per_step"]
-                out.append(_target(
+                out.append(make_target(
                     "d", what_d, "PASS" if ratio <= 1.0 else "MISS",
                     experiment=f"speed:{model}", measured=ratio, threshold=1.0,
                     comparison="<=",
@@ -346,7 +356,7 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
                            f"{p['ms_per_step']:.2f} ms (all {len(ocn)} OCNOpt rows: "
                            f"{lo:.2f}..{hi:.2f} ms)"))
         if not any_peer:
-            out.append(_target("d", what_d, "N/A",
+            out.append(make_target("d", what_d, "N/A",
                                detail="no external peer measured (pip install 'ocnopt[peers]')"))
     return out
 
@@ -354,27 +364,17 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
 # --------------------------------------------------------------------------- formatting
 
 
-def _f(v: float | None, fmt: str = ".4f") -> str:
-    return "-" if v is None else format(v, fmt)
 
 
-def _pm(m: float | None, s: float | None, fmt: str = ".4f") -> str:
-    if m is None:
-        return "-"
-    return f"{m:{fmt}} +- {s:{fmt}}" if s is not None else f"{m:{fmt}}"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += [fmt.format(*map(str, r)) for r in rows]
-    return "\n".join(lines)
 
 
 def _experiment_table(s: dict[str, Any]) -> str:
     if s["status"] != "ok":
         return f"skipped: {s['skip_reason']}"
+    if s["kind"] == "ablation":
+        return ablation_tables(s["ablation"] or [])
     if s["kind"] == "robustness":
         mults = [b["multiplier"] for b in s["rows"][0]["by_multiplier"]] if s["rows"] else []
         header = ["optimizer", "best lr", *[f"x{m:g}" for m in mults], "worst", "diverged"]
@@ -383,9 +383,9 @@ def _experiment_table(s: dict[str, Any]) -> str:
             div = sum(b["n_diverged"] for b in r["by_multiplier"])
             n = sum(b["n_runs"] for b in r["by_multiplier"])
             rows.append([r["optimizer"], f"{r['best_lr']:.3g}",
-                         *[_f(b["test_acc_mean"]) for b in r["by_multiplier"]],
-                         _f(r["worst_acc"]), f"{div}/{n}"])
-        return _md_table(header, rows)
+                         *[fmt(b["test_acc_mean"]) for b in r["by_multiplier"]],
+                         fmt(r["worst_acc"]), f"{div}/{n}"])
+        return md_table(header, rows)
     header = ["optimizer", "best lr", "test acc", "train loss", "ms/step", "TTT s", "diverged"]
     if s["kind"] == "vanishing":
         header += ["|du| first", "|du| last", "first/last"]
@@ -394,36 +394,36 @@ def _experiment_table(s: dict[str, Any]) -> str:
         header.append("peak MB")
     rows = []
     for r in s["rows"]:
-        ttt = _f(r["ttt_s"], ".2f") if r["ttt_s"] is not None else (
+        ttt = fmt(r["ttt_s"], ".2f") if r["ttt_s"] is not None else (
             f"- ({r['ttt_reached']})" if r["ttt_reached"] else "-")
-        row = [r["optimizer"], f"{r['best_lr']:.3g}", _pm(r["test_acc_mean"], r["test_acc_std"]),
-               _pm(r["train_loss_mean"], r["train_loss_std"]), _f(r["ms_per_step"], ".2f"),
+        row = [r["optimizer"], f"{r['best_lr']:.3g}", pm(r["test_acc_mean"], r["test_acc_std"]),
+               pm(r["train_loss_mean"], r["train_loss_std"]), fmt(r["ms_per_step"], ".2f"),
                ttt, f"{r['n_diverged']}/{r['n_runs']}"]
         if s["kind"] == "vanishing":
             un = r.get("layer_update_norm") or [None]
             first, last = un[0], un[-1]
             ratio = first / last if first is not None and last else None
-            row += [_f(first, ".2e"), _f(last, ".2e"), _f(ratio, ".3g")]
+            row += [fmt(first, ".2e"), fmt(last, ".2e"), fmt(ratio, ".3g")]
         if mem:
-            row.append(_f(r["peak_mem_mb"], ".1f"))
+            row.append(fmt(r["peak_mem_mb"], ".1f"))
         rows.append(row)
-    return _md_table(header, rows)
+    return md_table(header, rows)
 
 
 def _targets_table(targets: list[dict[str, Any]]) -> str:
     rows = []
     for t in targets:
         thr = f"{t['comparison']} {t['threshold']:g}" if t["threshold"] is not None else "-"
-        rows.append([t["id"], t["experiment"] or "-", t["target"], _f(t["measured"], ".3f"), thr,
+        rows.append([t["id"], t["experiment"] or "-", t["target"], fmt(t["measured"], ".3f"), thr,
                      t["status"], t["detail"]])
-    return _md_table(["", "experiment", "target", "ratio", "need", "status", "detail"], rows)
+    return md_table(["", "experiment", "target", "ratio", "need", "status", "detail"], rows)
 
 
 def _speed_table(speed: list[dict[str, Any]]) -> str:
-    rows = [[r["model"], r["optimizer"], _f(r.get("ms_per_step"), ".2f"),
-             _f(r.get("ratio_to_adam"), ".2f"), _f(r.get("peak_mem_mb"), ".1f"),
-             _f(r.get("state_mb"), ".2f")] for r in speed]
-    return _md_table(["model", "optimizer", "ms/step", "x Adam", "peak MB", "state MB"], rows)
+    rows = [[r["model"], r["optimizer"], fmt(r.get("ms_per_step"), ".2f"),
+             fmt(r.get("ratio_to_adam"), ".2f"), fmt(r.get("peak_mem_mb"), ".1f"),
+             fmt(r.get("state_mb"), ".2f")] for r in speed]
+    return md_table(["model", "optimizer", "ms/step", "x Adam", "peak MB", "state MB"], rows)
 
 
 def format_tables(results: dict[str, Any], summary: dict[str, Any],
@@ -436,8 +436,17 @@ def format_tables(results: dict[str, Any], summary: dict[str, Any],
         if s.get("target_acc") is not None:
             head += f"  target acc = {s['target_acc']:.4f}"
         parts += [head, _experiment_table(s)]
+        if s.get("paper") and s["status"] == "ok":
+            parts += ["", f"paper row {s['paper']['net']} {s['paper']['data']} (accuracy %):",
+                      paper_detail_table(s["paper"])]
         parts += [f"skipped {o['name']}: {o['reason']}" for o in skipped.get(name, [])]
         parts.append("")
+    table = paper_table(summary)
+    if table:
+        parts += ["## the paper's table beside ours (DDPNOpt, test accuracy %)", table, ""]
+    if summary.get("cost"):
+        parts += ["## cost per iteration against the batch size (s/iter, x Adam, peak MiB)",
+                  cost_table(summary["cost"]), ""]
     if results.get("speed"):
         parts += ["## speed", _speed_table(results["speed"]), ""]
     elif results.get("speed_error"):
@@ -458,7 +467,7 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
         f"{suite['description']}", "",
         f"* command: `{meta['command']}`",
         f"* started: {meta['started_at']}, finished: {meta.get('finished_at') or 'not finished'}"
-        f", wall time {_f(meta.get('wall_time_s'), '.1f')} s",
+        f", wall time {fmt(meta.get('wall_time_s'), '.1f')} s",
         f"* machine: {meta.get('platform')}, {meta.get('processor')}, {meta.get('cpu_count')} "
         f"CPUs, device `{meta['device']}`"
         + (f" ({meta['cuda_device']})" if meta.get("cuda_device") else ""),
@@ -467,6 +476,13 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
         f"lr tuning {'on' if suite['lr_tuning'] else 'off'}",
         "", "## Protocol", "", PROTOCOL, "## Targets", "", _targets_table(targets), "",
     ]
+    table = paper_table(summary)
+    if table:
+        lines += ["## The paper's table beside ours", "",
+                  f"Paper: {DDPNOPT_SOURCE}. Its protocol, as far as known: {PAPER_PROTOCOL} "
+                  "Accuracy in %; `diff` = ours - paper; ranks among the paper's seven methods "
+                  "that have a number (ours: that ran); the last column lists where our budget "
+                  "differs from the paper's.", "", table, ""]
     by_exp: dict[str, list[Path]] = {}
     for p in plots:
         by_exp.setdefault(p.stem.rsplit("__", 1)[0], []).append(p)
@@ -481,18 +497,32 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
                          + (f", target acc {s['target_acc']:.4f}" if s.get("target_acc") else ""))
             lines.append("")
         lines += [_experiment_table(s), ""]
-        if exp["kind"] in _KIND_NOTES:
-            lines += [_KIND_NOTES[exp["kind"]], ""]
+        if s.get("paper") and s["status"] == "ok":
+            lines += [f"Paper row {s['paper']['net']} {s['paper']['data']} (accuracy %):", "",
+                      paper_detail_table(s["paper"]), ""]
+        note = _KIND_NOTES.get(exp["kind"] if exp["kind"] != "vanishing"
+                               else f"vanishing-{s['loss']}")
+        if note:
+            lines += [note, ""]
         if exp["optimizers"] and exp["lr_tuning"]:
             tune = [[o["name"], ", ".join(f"{t['lr']:.3g}: {t['val_acc']:.3f}"
                                           + (" (div)" if t["diverged"] else "")
                                           for t in o["tuning"])] for o in exp["optimizers"]]
-            lines += ["lr tuning (final val acc per lr):", "", _md_table(["optimizer", "grid"],
+            lines += ["lr tuning (final val acc per lr):", "", md_table(["optimizer", "grid"],
                                                                          tune), ""]
         for o in exp["skipped_optimizers"]:
             lines.append(f"* skipped `{o['name']}`: {o['reason']}")
         for p in by_exp.get(exp["name"], []):
             lines.append(f"![{p.stem}]({p.relative_to(out_dir).as_posix()})")
+        lines.append("")
+    if summary.get("cost"):
+        cs = summary["cost"]
+        lines += ["## Cost per iteration against the batch size", "", _COST_NOTE.format(
+            model=cs["config"]["model"], dataset=cs["config"]["dataset"],
+            shape=tuple(cs["config"]["input_shape"]), device=cs["device"],
+            threads=cs["num_threads"]), "", cost_table(cs), ""]
+        lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})"
+                  for p in by_exp.get("cost", [])]
         lines.append("")
     if results.get("speed"):
         lines += ["## Speed", "", _speed_table(results["speed"]), ""]
@@ -501,11 +531,31 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
     return "\n".join(lines) + "\n"
 
 
+_COST_NOTE = (
+    "`{model}` as on {dataset} (input {shape}), synthetic data, device `{device}`, {threads} "
+    "torch thread(s). Each cell: median s/iter over interleaved rounds (x Adam at the same "
+    "batch size), and the extra peak memory of training steps (CUDA: max_memory_allocated; "
+    "CPU: peak RSS growth in a fresh process). `skipped`: a step took longer than the limit at "
+    "a smaller batch size. Timing-sensitive: only meaningful on a quiet machine.")
+
+
 _KIND_NOTES = {
     "robustness": (
         "Columns x<m>: final test accuracy (mean over seeds) at lr = tuned lr x m; `worst` is the "
         "minimum over the multipliers; diverged runs count at chance level."),
-    "vanishing": (
+    "ablation": (
+        "Feedback ablation: every cell trains the base optimizer (feedback off) and its OCNOpt "
+        "variant (feedback on, all else equal) at that lr and second hyperparameter with the "
+        "same seeds, no lr tuning; cells show the paired test-accuracy difference variant - "
+        "base. Diverged runs count at chance level."),
+    "vanishing-mmc": (
+        "Deep sigmoid network trained with the Max-Mahalanobis Center loss as in DDPNOpt's Fig. "
+        "6 (fixed class centers of squared norm 10 with pairwise inner products -10/(C-1); loss "
+        "= ||z - mu_y||^2 / 2, so a collapsed network sits at 5; prediction = nearest center). "
+        "`|du|` is the per-layer update norm averaged over the recorded steps and seeds (first "
+        "= input layer); `sgd-vgr` is SGD with Pascanu et al.'s gradient-norm-preserving "
+        "regulariser (ocnopt.bench.vgr)."),
+    "vanishing-cross_entropy": (
         "Deep sigmoid network trained with cross-entropy (DDPNOpt's Fig. 6 used the MMC loss and "
         "reports that with cross-entropy no method escapes vanishing gradients). `|du|` is the "
         "per-layer update norm ||(W,b) after - before|| averaged over the recorded steps and "
@@ -557,7 +607,9 @@ def render(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True
 
     out = Path(out_dir)
     summary = summarise(results)
+    summary["cost"] = cost_summary(results.get("cost"))
     targets = compute_targets(summary, results.get("speed"))
+    targets += paper_targets(summary, summary["cost"])
     results = {**results, "summary": summary, "targets": targets}
     written: list[Path] = []
     with output_lock(out):

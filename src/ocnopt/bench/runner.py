@@ -48,11 +48,12 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from ocnopt.bench.data import DatasetError, DatasetSplits, DatasetUnavailableError, load_dataset
+from ocnopt.bench.losses import BenchLoss, get_loss
 from ocnopt.bench.models import build_model, count_parameters
 from ocnopt.bench.optimizers import OPTIMIZERS, OptimizerSpec, get_optimizer, train_step
 from ocnopt.bench.outdir import BenchError, check_writable, output_lock, write_json
 from ocnopt.bench.schema import SCHEMA_VERSION, validate_run
-from ocnopt.bench.suites import Experiment, Suite
+from ocnopt.bench.suites import CostConfig, Experiment, Suite
 
 __all__ = [
     "DIVERGE_PATIENCE",
@@ -63,6 +64,7 @@ __all__ = [
     "SpeedUnavailableError",
     "default_lr",
     "load_results",
+    "run_cost",
     "run_speed",
     "run_suite",
     "train_run",
@@ -104,9 +106,12 @@ class RunConfig:
     norm_every: int | None = None
     device: str = "cpu"
     eval_subset: int | None = None
+    loss: str = "cross_entropy"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready dict (tuples as lists), equal to what a run file stores."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def run_id(self) -> str:
         """Readable, content-addressed id, e.g. ``digits-fcn-adam-lr0.001-s0-1a2b3c4d``."""
@@ -152,9 +157,9 @@ def _sync(dev: torch.device) -> None:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, ds: TensorDataset, dev: torch.device,
+def _evaluate(model: nn.Module, ds: TensorDataset, dev: torch.device, loss: BenchLoss,
               batch: int = 2048) -> tuple[float, float]:
-    """``(mean cross-entropy, accuracy)`` of ``model`` on ``ds`` in eval mode."""
+    """``(mean loss, accuracy)`` of ``model`` on ``ds`` in eval mode."""
     was_training = model.training
     model.eval()
     x_all, y_all = ds.tensors
@@ -162,13 +167,23 @@ def _evaluate(model: nn.Module, ds: TensorDataset, dev: torch.device,
     for i in range(0, len(y_all), batch):
         x, y = x_all[i:i + batch].to(dev), y_all[i:i + batch].to(dev)
         out = model(x)
-        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        loss_sum += float(loss.sum(out, y))
+        correct += int((loss.predict(out) == y).sum())
     model.train(was_training)
     n = len(y_all)
     if n == 0:
         raise ValueError("cannot evaluate on an empty split")
     return loss_sum / n, correct / n
+
+
+def _output_width(model: nn.Module, data: DatasetSplits, dev: torch.device) -> int:
+    """Width ``D`` of the model's output (B, D), from one training sample."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        width = int(model(data.train.tensors[0][:1].to(dev)).shape[1])
+    model.train(was_training)
+    return width
 
 
 def _params_finite(model: nn.Module) -> bool:
@@ -195,13 +210,13 @@ def train_run(cfg: RunConfig, data: DatasetSplits, *, progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes,
                         dataset=data.name, **cfg.model_options).to(dev)
-    opt = spec.build(model, cfg.lr, **spec.options)
+    loss_fn = get_loss(cfg.loss, data.num_classes, _output_width(model, data, dev))
+    opt = spec.build(model, cfg.lr, **{**spec.options, **cfg.optimizer_options})
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = BatchSampler(RandomSampler(data.train, generator=gen), cfg.batch_size,
                            drop_last=False)
     loader = DataLoader(data.train, sampler=sampler, batch_size=None)
     steps_per_epoch = len(sampler)
-    loss_fn = nn.functional.cross_entropy
     chance = 1.0 / data.num_classes
 
     hist: dict[str, list[Any]] = {k: [] for k in (
@@ -221,8 +236,8 @@ def train_run(cfg: RunConfig, data: DatasetSplits, *, progress: bool = True) -> 
 
     def record_eval(with_val: bool = True) -> None:
         nonlocal last_finite
-        vl, va = _evaluate(model, data.val, dev) if with_val else (None, None)
-        tl, ta = _evaluate(model, data.test, dev)
+        vl, va = _evaluate(model, data.val, dev, loss_fn) if with_val else (None, None)
+        tl, ta = _evaluate(model, data.test, dev, loss_fn)
         finite = [v for v in interval_losses if math.isfinite(v)]
         hist["step"].append(step)
         hist["epoch"].append(round(step / max(steps_per_epoch, 1), 4))
@@ -388,6 +403,22 @@ def _move_aside_if_directory(path: Path) -> None:
         log.warning("%s was a directory, not a run file: moved it to %s", path, aside)
 
 
+def run_cost(cfg: CostConfig, device: str) -> dict[str, Any]:
+    """Cost per iteration against the batch size (:mod:`ocnopt.bench.cost`), JSON-ready."""
+    from ocnopt.bench.cost import measure_cost
+
+    log.info("cost: %d optimizers x %d batch sizes", len(cfg.optimizers), len(cfg.batch_sizes))
+    with _threads(cfg.num_threads):
+        torch.set_flush_denormal(True)  # denormals slow some CPU kernels; not what is measured
+        try:
+            rows = measure_cost(cfg, device, progress=lambda m: log.info("cost: %s", m))
+        finally:
+            torch.set_flush_denormal(False)
+    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "device": device,
+            "num_threads": torch.get_num_threads() if cfg.num_threads is None
+            else cfg.num_threads, "rows": rows}
+
+
 # --------------------------------------------------------------------------- suites
 
 
@@ -497,25 +528,30 @@ class _SuiteRun:
             log.info("%s: skipping optimizer %s: %s", exp.name, s["name"], s["reason"])
         return specs, skipped
 
-    def _cfg(self, exp: Experiment, opt: str, lr: float, seed: int) -> RunConfig:
+    def _cfg(self, exp: Experiment, opt: str, lr: float, seed: int,
+             options: dict[str, Any] | None = None) -> RunConfig:
         return RunConfig(
             dataset=exp.dataset, model=exp.model, optimizer=opt, lr=float(lr), seed=seed,
             epochs=exp.epochs, batch_size=exp.batch_size, model_options=dict(exp.model_options),
             subset=exp.subset, eval_every=exp.eval_every,
             norm_every=exp.norm_every if exp.kind == "vanishing" else None, device=self.device,
-            eval_subset=exp.eval_subset)
+            eval_subset=exp.eval_subset, loss=exp.loss, optimizer_options=dict(options or {}))
+
+    def _seeds(self, exp: Experiment) -> int:
+        return exp.seeds if exp.seeds is not None else self.suite.seeds
 
     def experiment(self, exp: Experiment) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": exp.name, "kind": exp.kind, "dataset": exp.dataset, "model": exp.model,
             "model_options": dict(exp.model_options), "epochs": exp.epochs,
             "batch_size": exp.batch_size, "subset": exp.subset, "eval_every": exp.eval_every,
-            "eval_subset": exp.eval_subset,
-            "num_threads": exp.num_threads, "seeds": list(range(self.suite.seeds)),
-            "lr_tuning": self.suite.lr_tuning,
+            "eval_subset": exp.eval_subset, "loss": exp.loss,
+            "paper": list(exp.paper) if exp.paper else None,
+            "num_threads": exp.num_threads, "seeds": list(range(self._seeds(exp))),
+            "lr_tuning": self.suite.lr_tuning and exp.kind != "ablation",
             "lr_multipliers": list(exp.lr_multipliers) if exp.kind == "robustness" else None,
             "status": "ok", "skip_reason": None, "data": None, "skipped_optimizers": [],
-            "optimizers": [],
+            "optimizers": [], "ablation": None,
         }
         try:
             data = self.data(exp)
@@ -530,14 +566,18 @@ class _SuiteRun:
         entry["data"] = {"name": data.name, "source": data.source, "notes": data.notes,
                          "sizes": list(data.sizes), "input_shape": list(data.input_shape),
                          "num_classes": data.num_classes}
+        if exp.kind == "ablation":
+            with _threads(exp.num_threads):
+                entry["ablation"], entry["skipped_optimizers"] = self._ablation(exp, data)
+            return entry
         specs, entry["skipped_optimizers"] = self._resolve(exp, data)
         n_mult = len(exp.lr_multipliers) if exp.kind == "robustness" else 1
         for spec in specs:  # run() calls this experiment will make (some are cache hits)
             self.bar.total += (len(spec.lr_grid) if self.suite.lr_tuning else 0) + \
-                n_mult * self.suite.seeds
+                n_mult * self._seeds(exp)
         self.bar.refresh()
         log.info("%s: %d optimizers, %d seeds, %d epochs", exp.name, len(specs),
-                 self.suite.seeds, exp.epochs)
+                 self._seeds(exp), exp.epochs)
         with _threads(exp.num_threads):
             for spec in specs:
                 entry["optimizers"].append(self._optimizer(exp, spec, data))
@@ -566,7 +606,7 @@ class _SuiteRun:
         mults = list(exp.lr_multipliers) if exp.kind == "robustness" else [1.0]
         runs = []
         for m in mults:
-            for seed in range(self.suite.seeds):
+            for seed in range(self._seeds(exp)):
                 rec = self.run(self._cfg(exp, spec.name, best_lr * m, seed), data)
                 runs.append({"run_id": rec["run_id"], "seed": seed, "lr": best_lr * m,
                              "lr_multiplier": m})
@@ -574,6 +614,35 @@ class _SuiteRun:
                 "mode": spec.mode, "lr_grid": [float(v) for v in spec.lr_grid],
                 "best_lr": best_lr, "lr_source": "tuned" if self.suite.lr_tuning else "default",
                 "tuning": tuning, "runs": runs}
+
+    def _ablation(self, exp: Experiment, data: DatasetSplits
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """Every grid: base and variant at every (lr, value), seeds 0..n-1; no tuning."""
+        grids, skipped = [], []
+        n_seeds = self._seeds(exp)
+        for grid in exp.ablation:
+            missing = [n for n in (grid.base, grid.variant)
+                       if n not in OPTIMIZERS or not OPTIMIZERS[n].available()[0]]
+            if missing:
+                skipped += [{"name": n, "reason": "not available in this installation"}
+                            for n in missing]
+                continue
+            self.bar.total += 2 * len(grid.lrs) * len(grid.values) * n_seeds
+            self.bar.refresh()
+            cells = []
+            for value in grid.values:
+                for lr in grid.lrs:
+                    ids = {}
+                    for role, name in (("base", grid.base), ("variant", grid.variant)):
+                        ids[role] = [self.run(self._cfg(exp, name, lr, seed,
+                                                        grid.options(value)), data)["run_id"]
+                                     for seed in range(n_seeds)]
+                    cells.append({"lr": float(lr), "value": float(value),
+                                  "base_runs": ids["base"], "variant_runs": ids["variant"]})
+            grids.append({"base": grid.base, "variant": grid.variant, "param": grid.param,
+                          "values": [float(v) for v in grid.values],
+                          "lrs": [float(v) for v in grid.lrs], "cells": cells})
+        return grids, skipped
 
 
 def _meta(suite: Suite, device: str, data_dir: str | Path | None) -> dict[str, Any]:
@@ -637,7 +706,7 @@ def _run_suite_locked(suite: Suite, out: Path, *, device: str, resume: bool,
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "complete": False, "suite": suite.to_dict(),
         "meta": _meta(suite, device, data_dir), "experiments": [], "runs": state.records,
-        "speed": None, "speed_error": None,
+        "speed": None, "speed_error": None, "cost": None,
     }
 
     def save() -> None:
@@ -658,6 +727,9 @@ def _run_suite_locked(suite: Suite, out: Path, *, device: str, resume: bool,
                     raise
                 log.warning("speed suite skipped: %s", exc)
                 results["speed_error"] = str(exc)
+        if suite.cost is not None:
+            results["cost"] = run_cost(suite.cost, device)
+            save()
     finally:
         state.bar.close()
     results["complete"] = True

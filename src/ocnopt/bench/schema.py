@@ -25,7 +25,8 @@ RUN_SCHEMA: dict[str, Any] = {
                "epochs": int, "batch_size": int, "model_options": dict,
                "subset": ("null", int), "eval_subset": ("null", int),
                "eval_every": ("null", int),
-               "norm_every": ("null", int), "device": str},
+               "norm_every": ("null", int), "device": str, "loss": str,
+               "optimizer_options": dict},
     "status": str, "diverged": bool, "diverged_at_step": ("null", int),
     "nonfinite_steps": int, "chance_acc": _NUM, "last_finite": ("null", dict),
     "steps": int, "steps_per_epoch": int, "train_time_s": _NUM,
@@ -50,6 +51,13 @@ _EXP = {"name": str, "kind": str, "dataset": str, "model": str, "epochs": int,
 _SPEED_ROW = {"model": str, "optimizer": str, "ms_per_step": ("null", _NUM),
               "ratio_to_adam": ("null", _NUM), "peak_mem_mb": ("null", _NUM),
               "state_mb": ("null", _NUM)}
+_ABLATION_GRID = {"base": str, "variant": str, "param": str, "values": ("list", _NUM),
+                  "lrs": ("list", _NUM),
+                  "cells": ("list", {"lr": _NUM, "value": _NUM, "base_runs": ("list", str),
+                                     "variant_runs": ("list", str)})}
+_COST = {"config": dict, "device": str,
+         "rows": ("list", {"optimizer": str, "batch_size": int, "s_per_iter": ("null", _NUM),
+                           "peak_mem_mb": ("null", _NUM), "status": str})}
 RESULTS_SCHEMA: dict[str, Any] = {
     "schema_version": int,
     "complete": bool,
@@ -113,13 +121,22 @@ def validate_results(obj: Any) -> list[str]:
         return errors
     if obj["schema_version"] != SCHEMA_VERSION:
         errors.append(f"$.schema_version: {obj['schema_version']} != {SCHEMA_VERSION}")
-    for e in obj["experiments"]:
-        if e["kind"] not in ("compare", "robustness", "vanishing"):
+    for i, e in enumerate(obj["experiments"]):
+        if e["kind"] not in ("compare", "robustness", "vanishing", "ablation"):
             errors.append(f"$.experiments[{e['name']}].kind: unknown {e['kind']!r}")
-        for o in e["optimizers"]:
-            for r in [*o["runs"], *o["tuning"]]:
-                if r["run_id"] not in obj["runs"]:
-                    errors.append(f"$.experiments[{e['name']}]: run {r['run_id']} not in $.runs")
+        ids = [r["run_id"] for o in e["optimizers"] for r in [*o["runs"], *o["tuning"]]]
+        if e.get("ablation") is not None:
+            _check(e["ablation"], ("list", _ABLATION_GRID), f"$.experiments[{i}].ablation",
+                   errors)
+            if errors:
+                return errors
+            ids += [rid for g in e["ablation"] for c in g["cells"]
+                    for rid in (*c["base_runs"], *c["variant_runs"])]
+        for rid in ids:
+            if rid not in obj["runs"]:
+                errors.append(f"$.experiments[{e['name']}]: run {rid} not in $.runs")
+    if obj.get("cost") is not None:
+        _check(obj["cost"], _COST, "$.cost", errors)
     for rid, r in obj["runs"].items():
         if r["run_id"] != rid:
             errors.append(f"$.runs[{rid!r}].run_id: {r['run_id']!r} differs from its key")
@@ -129,8 +146,6 @@ def validate_results(obj: Any) -> list[str]:
         if r["status"] not in ("ok", "diverged") or (r["status"] == "diverged") != r["diverged"]:
             errors.append(f"$.runs[{rid!r}].status: inconsistent with diverged")
     return errors
-
-
 
 
 def validate_run(obj: Any) -> list[str]:
