@@ -52,7 +52,8 @@ def mmc_centers(num_classes: int, dim: int, squared_norm: float = MMC_SQUARED_NO
     for i in range(1, c):
         for j in range(i):
             mu[i, j] = (-1.0 / (c - 1) - mu[i, :j] @ mu[j, :j]) / mu[j, j]
-        mu[i, i] = math.sqrt(max(0.0, 1.0 - float(mu[i, :i] @ mu[i, :i])))
+        if i < c - 1:  # the last center's own coordinate is 0 exactly (rank C - 1)
+            mu[i, i] = math.sqrt(max(0.0, 1.0 - float(mu[i, :i] @ mu[i, :i])))
     return (mu[:, :dim] * math.sqrt(squared_norm)).to(dtype)
 
 
