@@ -466,6 +466,16 @@ def test_ddpnopt_suites_are_well_formed():
     assert full.cost is not None and full.cost.batch_sizes == (8, 16, 32, 64, 128, 256)
 
 
+def test_overriding_the_dataset_drops_the_paper_row():
+    s = suites.apply_overrides(suites.get_suite("ddpnopt-quick"), datasets=["digits"],
+                               epochs=1)
+    assert [(e.name, e.paper) for e in s.experiments if e.kind == "compare"] == [
+        ("digits-fcn", None)]
+    kept = suites.apply_overrides(suites.get_suite("ddpnopt-quick"), epochs=1)
+    assert [e.paper for e in kept.experiments if e.kind == "compare"] == [
+        ("FCN", "WINE"), ("FCN", "DIGITS"), ("FCN", "MNIST")]
+
+
 def test_cli_runs_a_tiny_reproduction(tmp_path, monkeypatch, capsys):
     tiny = Suite(
         "ddpnopt-tiny", "tiny",

@@ -411,6 +411,8 @@ def apply_overrides(
             changes: dict[str, Any] = {"dataset": ds, "model": mo}
             if mo != exp.model:
                 changes["model_options"] = {}
+            if (ds, mo) != (exp.dataset, exp.model):
+                changes["paper"] = None  # no longer the paper's row
             if optimizers is not None:
                 changes["optimizers"] = tuple(optimizers)
             if epochs is not None:
