@@ -50,7 +50,7 @@ def test_bench_prints_table_and_paths(tmp_path, capsys):
                "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| optimizer" in out and "ocnopt-identity" in out and "targets (issue 3)" in out
+    assert "| optimizer" in out and "ocnopt-identity" in out and "## targets" in out
     assert f"wrote {tmp_path / 'report.md'}" in out
     assert "[INFO]" not in out  # log messages go to stderr, only the tables to stdout
 

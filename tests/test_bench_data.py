@@ -15,6 +15,7 @@ from ocnopt.bench import data
 from ocnopt.bench.data import (
     DATASETS,
     NORMALISATION,
+    DatasetError,
     DatasetUnavailableError,
     available_datasets,
     load_dataset,
@@ -129,7 +130,7 @@ def test_idx_loader_layouts(tmp_path, no_debian, name, layout):
     folder = {"torchvision": tmp_path / _SUB[name] / "raw", "raw": tmp_path / "raw",
               "direct": tmp_path}[layout]
     arrays = make_idx_tree(folder, gz=(layout != "raw"))
-    s = load_dataset(name, data_dir=tmp_path)
+    s = load_dataset(name, data_dir=tmp_path, verify=False)
     assert s.name == name and s.num_classes == 10 and s.input_shape == (1, 28, 28)
     assert s.sizes == (55, 5, 20)  # val = last 60 // 12 = 5 of the training file
     assert str(folder) in s.source
@@ -147,29 +148,35 @@ def test_idx_loader_layouts(tmp_path, no_debian, name, layout):
 
 def test_idx_loader_flatten_and_subset(tmp_path, no_debian):
     arrays = make_idx_tree(tmp_path / "MNIST" / "raw", n_train=120, n_test=10)
-    full = load_dataset("mnist", data_dir=tmp_path, flatten=True)
+    full = load_dataset("mnist", data_dir=tmp_path, flatten=True, verify=False)
     assert full.input_shape == (784,) and full.train.tensors[0].shape == (110, 784)
-    sub = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=5)
+    sub = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=5, verify=False)
     assert sub.sizes == (30, 10, 10)
     y_full = arrays["train-labels-idx1-ubyte"][:110].astype(np.int64)
     counts_full = np.bincount(y_full, minlength=10)
     counts_sub = np.bincount(sub.train.tensors[1].numpy(), minlength=10)
     assert np.all(np.abs(counts_sub - counts_full * 30 / 110) < 1 + 1e-9)  # stratified
-    again = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=99)
+    again = load_dataset("mnist", data_dir=tmp_path, subset=30, seed=99, verify=False)
     assert torch.equal(sub.train.tensors[0], again.train.tensors[0])
     assert torch.equal(sub.val.tensors[0], full.val.tensors[0].reshape(-1, 1, 28, 28))
-    assert load_dataset("mnist", data_dir=tmp_path, subset=10_000).sizes == (110, 10, 10)
+    assert load_dataset("mnist", data_dir=tmp_path, subset=10_000,
+                        verify=False).sizes == (110, 10, 10)
     with pytest.raises(ValueError, match="subset"):
-        load_dataset("mnist", data_dir=tmp_path, subset=0)
+        load_dataset("mnist", data_dir=tmp_path, subset=0, verify=False)
 
 
-def test_fashion_mnist_falls_back_to_debian_dir(tmp_path, monkeypatch):
+def test_fashion_mnist_uses_debian_dir_only_without_data_dir(tmp_path, monkeypatch):
     deb = tmp_path / "debian"
     make_idx_tree(deb, n_train=24, n_test=6)
     monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", deb)
-    for data_dir in (None, tmp_path / "empty"):
-        s = load_dataset("Fashion_MNIST", data_dir=data_dir)
-        assert s.sizes == (22, 2, 6) and "Debian" in s.source
+    s = load_dataset("Fashion_MNIST", verify=False)
+    assert s.sizes == (22, 2, 6) and "Debian" in s.source
+    # a given --data-dir is the only place searched: no silent fall-back to the Debian copy
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetUnavailableError, match="empty"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty", verify=False)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "no-such-dir", verify=False)
 
 
 def test_missing_fashion_mnist_message(tmp_path, no_debian):
@@ -193,11 +200,11 @@ def test_missing_mnist_kmnist_message(tmp_path, name):
 def test_partial_and_inconsistent_idx_files(tmp_path, no_debian):
     make_idx_tree(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DatasetUnavailableError, match="lacks t10k-labels-idx1-ubyte"):
-        load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(DatasetError, match="lacks t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", data_dir=tmp_path, verify=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(7, np.uint8), gz=False)
-    with pytest.raises(ValueError, match="inconsistent test"):
-        load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(DatasetError, match="inconsistent test"):
+        load_dataset("mnist", data_dir=tmp_path, verify=False)
 
 
 def test_normalisation_constants():
@@ -208,19 +215,19 @@ def test_normalisation_constants():
 
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
-        load_dataset("cifar10")
+        load_dataset("cifar100")
 
 
 def test_available_datasets(tmp_path, no_debian):
     empty = available_datasets(tmp_path)
     assert set(empty) == set(DATASETS)
-    for name in ("mnist", "kmnist", "fashion-mnist"):
+    for name in ("mnist", "kmnist", "fashion-mnist", "cifar10", "svhn"):
         ok, why = empty[name]
         assert not ok and "--data-dir" in why
     assert empty["digits"][0] and empty["wine"][0]
     make_idx_tree(tmp_path / "KMNIST" / "raw")
     avail = available_datasets(tmp_path)
-    assert avail["kmnist"] == (True, f"idx files in {tmp_path / 'KMNIST' / 'raw'}")
+    assert avail["kmnist"] == (True, f"files in {tmp_path / 'KMNIST' / 'raw'}")
     assert not avail["mnist"][0] and not avail["fashion-mnist"][0]
 
 
@@ -311,3 +318,121 @@ def test_wine():
     assert torch.equal(s.val.tensors[0], load_dataset("wine", seed=4).val.tensors[0])
     with pytest.raises(ValueError, match="tabular"):
         load_dataset("wine", flatten=False)
+
+
+# --------------------------------------------------------------------------- CIFAR-10 and SVHN
+
+
+def write_cifar10(root: Path, n_per_batch: int = 4, n_test: int = 6, seed: int = 0) -> dict:
+    """``cifar-10-batches-py/`` as in the python release: pickled dicts (protocol 2) with
+    ``batch_label``, ``labels`` (list), ``data`` (uint8 (N, 3072), channel-major rows),
+    ``filenames``."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    out = {}
+    for name, n in [*((f"data_batch_{k}", n_per_batch) for k in range(1, 6)),
+                    ("test_batch", n_test)]:
+        d = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"batch_label": f"{name} of 5", "labels": labels, "data": d,
+                         "filenames": [f"img_{i}.png" for i in range(n)]}, fh, protocol=2)
+        out[name] = (d, labels)
+    return out
+
+
+def test_read_cifar10_generated(tmp_path):
+    raw = write_cifar10(tmp_path)
+    got = data.read_cifar10(tmp_path / "cifar-10-batches-py")
+    assert got["train_x"].shape == (20, 3, 32, 32) and got["test_x"].shape == (6, 3, 32, 32)
+    d1, l1 = raw["data_batch_1"]
+    # row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32
+    np.testing.assert_array_equal(got["train_x"][0, 1, 2, 3], d1[0, 1024 + 2 * 32 + 3])
+    np.testing.assert_array_equal(got["train_y"][:4], l1)
+    np.testing.assert_array_equal(got["test_y"], raw["test_batch"][1])
+
+
+def test_load_cifar10_generated(tmp_path):
+    raw = write_cifar10(tmp_path, n_per_batch=12)
+    s = load_dataset("cifar10", data_dir=tmp_path, verify=False)
+    assert s.sizes == (55, 5, 6) and s.input_shape == (3, 32, 32) and s.num_classes == 10
+    x_train = np.concatenate([raw[f"data_batch_{k}"][0] for k in range(1, 6)])
+    x_train = x_train.reshape(-1, 3, 32, 32).astype(np.float64) / 255
+    mean = x_train[:55].mean(axis=(0, 2, 3), keepdims=True)
+    std = x_train[:55].std(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(s.val.tensors[0].numpy(), ((x_train - mean) / std)[55:],
+                               atol=1e-5)
+    xt = s.train.tensors[0].numpy()
+    np.testing.assert_allclose(xt.mean(axis=(0, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(xt.std(axis=(0, 2, 3)), 1, atol=1e-4)
+    assert load_dataset("cifar-10", data_dir=tmp_path / "cifar-10-batches-py", flatten=True,
+                        verify=False).input_shape == (3072,)
+    with pytest.raises(DatasetError, match="differ from the official release"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DatasetError, match="lacks data_batch_3"):
+        load_dataset("cifar10", data_dir=tmp_path, verify=False)
+
+
+def test_cifar_reader_refuses_code_in_pickles(tmp_path):
+    write_cifar10(tmp_path)
+    evil = b"cos\nsystem\n(S'echo pwned'\ntR."  # protocol-0 pickle calling os.system
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(evil)
+    with pytest.raises(DatasetError, match="refusing to load os.system"):
+        data.read_cifar10(tmp_path / "cifar-10-batches-py")
+
+
+def write_svhn(folder: Path, n_train: int = 24, n_test: int = 7, seed: int = 0) -> dict:
+    """``train_32x32.mat`` / ``test_32x32.mat`` as published: MATLAB v5 files with ``X`` uint8
+    (32, 32, 3, N) and ``y`` uint8 (N, 1) in 1..10 (10 = digit 0)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+        y[0, 0] = 10
+        savemat(folder / name, {"X": x, "y": y})
+        out[name] = (x, y)
+    return out
+
+
+def test_read_svhn_generated(tmp_path):
+    pytest.importorskip("scipy")
+    raw = write_svhn(tmp_path)
+    x, y = data.read_svhn(tmp_path / "train_32x32.mat")
+    rx, ry = raw["train_32x32.mat"]
+    assert x.shape == (24, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    # X[h, w, c, i] is image i, channel c, row h, column w
+    np.testing.assert_array_equal(x[5, 2, 7, 11], rx[7, 11, 2, 5])
+    np.testing.assert_array_equal(y, ry[:, 0] % 10)
+    assert y[0] == 0 and y.max() <= 9
+
+
+@pytest.mark.parametrize("sub", ["", "svhn"])
+def test_load_svhn_generated(tmp_path, sub):
+    pytest.importorskip("scipy")
+    write_svhn(tmp_path / sub)
+    s = load_dataset("svhn", data_dir=tmp_path, verify=False)
+    assert s.sizes == (22, 2, 7) and s.input_shape == (3, 32, 32)
+    with pytest.raises(DatasetError, match="differ from the official release"):
+        load_dataset("svhn", data_dir=tmp_path)
+    (tmp_path / sub / "test_32x32.mat").unlink()
+    with pytest.raises(DatasetError, match="lacks test_32x32.mat"):
+        load_dataset("svhn", data_dir=tmp_path, verify=False)
+
+
+def test_svhn_bad_labels(tmp_path):
+    pytest.importorskip("scipy")
+    from scipy.io import savemat
+
+    write_svhn(tmp_path)
+    savemat(tmp_path / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8),
+                                          "y": np.array([[0], [3]], np.uint8)})
+    with pytest.raises(DatasetError, match="1..10"):
+        load_dataset("svhn", data_dir=tmp_path, verify=False)

@@ -16,10 +16,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ocnopt.bench.data import DATASETS, DatasetUnavailableError, available_datasets
+from ocnopt.bench.data import DATASETS, DatasetError, DatasetUnavailableError, available_datasets
 from ocnopt.bench.models import MODELS
 from ocnopt.bench.optimizers import OPTIMIZERS
-from ocnopt.bench.runner import BenchError, default_lr, load_results, run_suite
+from ocnopt.bench.outdir import BenchError, check_writable, output_lock
+from ocnopt.bench.runner import default_lr, load_results, run_suite
 from ocnopt.bench.suites import SUITES, apply_overrides, get_suite
 
 __all__ = ["build_parser", "main"]
@@ -77,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
     b.add_argument("--resume", action="store_true",
                    help="reuse finished runs in OUT/runs (an interrupted suite continues)")
-    b.add_argument("--data-dir", type=Path, help="folder with raw idx files (Fashion-MNIST, "
-                   "MNIST, KMNIST; torchvision layout accepted)")
+    b.add_argument("--data-dir", type=Path, help="folder with the file-based datasets in "
+                   "torchvision's layouts (raw idx files of Fashion-MNIST/MNIST/KMNIST, "
+                   "cifar-10-batches-py/, SVHN's train_32x32.mat/test_32x32.mat); when given, "
+                   "it is the only place searched and must exist")
+    b.add_argument("--no-verify-data", action="store_true",
+                   help="accept files that are not the datasets' official releases (skips the "
+                        "size/checksum identity checks; format checks still apply)")
     b.add_argument("--lr-grid", action=argparse.BooleanOptionalAction, default=None,
                    help="tune lr on the validation split over each optimizer's grid "
                         "(default: the suite's setting; off = middle of the grid)")
@@ -127,16 +133,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise BenchError(str(exc)) from exc
     out = args.out if args.out is not None else Path("results") / suite.name
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        what = "is not a directory" if args.data_dir.exists() else "does not exist"
+        raise BenchError(f"--data-dir {args.data_dir} {what}")
+    check_writable(out)
     t0 = time.perf_counter()
     log.info("suite %s -> %s (device %s%s)", suite.name, out, args.device,
              ", resume" if args.resume else "")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm(loggers=[logging.getLogger("ocnopt")]):
+    with output_lock(out), logging_redirect_tqdm(loggers=[logging.getLogger("ocnopt")]):
         results = run_suite(suite, out, device=args.device, resume=args.resume,
                             data_dir=args.data_dir, strict_data=datasets is not None,
-                            progress=not args.no_progress)
-    text, paths = report.render(results, out, plots=not args.no_plots)
+                            verify_data=not args.no_verify_data, progress=not args.no_progress)
+        text, paths = report.render(results, out, plots=not args.no_plots)
     log.info("suite %s finished in %.1f s", suite.name, time.perf_counter() - t0)
     _print_outputs(text, paths)
     return 0
@@ -220,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"bench": _cmd_bench, "list": _cmd_list, "report": _cmd_report}
     try:
         return handlers[args.command](args)
-    except (BenchError, DatasetUnavailableError) as exc:
+    except (BenchError, DatasetUnavailableError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -107,7 +107,8 @@ _OCN = dict(feedback_clip=1.0)
 
 register(OptimizerSpec(
     "sgd", "torch.optim.SGD, momentum 0.9",
-    lambda model, lr, **kw: torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, **kw),
+    lambda model, lr, momentum=0.9, **kw: torch.optim.SGD(model.parameters(), lr=lr,
+                                                          momentum=momentum, **kw),
     _GRID_SGD))
 register(OptimizerSpec(
     "rmsprop", "torch.optim.RMSprop",
@@ -136,6 +137,20 @@ register(OptimizerSpec(
     _ocnopt("ekfac", True, momentum=0.9, **_OCN), _GRID_KRON, mode="closure",
     family="ocnopt"))
 register(OptimizerSpec(
+    "ocnopt-rmsprop", "OCNOpt rmsprop curvature + feedback (DDPNOpt-RMSprop, feedback_clip 1)",
+    _ocnopt("rmsprop", True, **_OCN), _GRID_ADAPTIVE, mode="closure", family="ocnopt"))
+# The feedback ablation compares each OCNOpt variant with the same OCNOpt configuration with
+# the feedback off (all else equal); for these curvatures that is the torch.optim algorithm.
+register(OptimizerSpec(
+    "sgd-open", "OCNOpt identity curvature, feedback off (== torch.optim.SGD, momentum 0.9)",
+    _ocnopt("identity", False, momentum=0.9), _GRID_SGD, mode="closure"))
+register(OptimizerSpec(
+    "rmsprop-open", "OCNOpt rmsprop curvature, feedback off (== torch.optim.RMSprop)",
+    _ocnopt("rmsprop", False), _GRID_ADAPTIVE, mode="closure"))
+register(OptimizerSpec(
+    "adam-open", "OCNOpt adam curvature, feedback off (== torch.optim.Adam)",
+    _ocnopt("adam", False), _GRID_ADAPTIVE, mode="closure"))
+register(OptimizerSpec(
     "ocnopt-ekfac-exact", "OCNOpt ekfac + feedback with the exact (unclipped) feedback "
     "formula (momentum 0.9)",
     _ocnopt("ekfac", True, momentum=0.9), _GRID_KRON, mode="closure", family="ocnopt"))
@@ -147,6 +162,7 @@ register(OptimizerSpec(
 # never breaks this import. The DDP entry is registered only when ocnopt.reference imports.
 from ocnopt.bench import emsa as _emsa  # noqa: E402
 from ocnopt.bench import peers as _peers  # noqa: E402
+from ocnopt.bench import vgr as _vgr  # noqa: E402
 
 _GRID_EMSA = (3e-4, 1e-3, 3e-3, 1e-2)  # inner Adam step; 5 inner steps per outer step
 _GRID_SHAMPOO = (1e-4, 3e-4, 1e-3, 3e-3)  # RMSprop-grafted ScalableShampoo
@@ -157,6 +173,10 @@ register(OptimizerSpec(
     "steps, rho 0.03",
     lambda model, lr, **kw: _emsa.EMSA(model, lr=lr, **kw), _GRID_EMSA, mode="closure",
     family="optimal-control"))
+register(OptimizerSpec(
+    "sgd-vgr", "SGD (momentum 0.9) + Pascanu et al.'s gradient-norm-preserving regulariser "
+    f"(weight {_vgr.DEFAULT_WEIGHT:g}; ocnopt.bench.vgr)",
+    lambda model, lr, **kw: _vgr.SGDVGR(model, lr=lr, **kw), _GRID_SGD, mode="closure"))
 register(OptimizerSpec(
     "soap", "pytorch_optimizer.SOAP, betas (0.95, 0.95), precondition_frequency 10, no decay",
     _peers.build_soap, _GRID_ADAPTIVE, family="peer", requires=("pytorch_optimizer",)))

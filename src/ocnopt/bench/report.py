@@ -1,8 +1,8 @@
-"""Summaries, issue-3 targets, schema validation and output files (JSON, CSV, Markdown).
+"""Summaries, targets and output files (JSON, CSV, Markdown) of a benchmark suite.
 
 :func:`summarise` turns the raw ``results.json`` content (experiments + run records) into
-per-optimizer statistics; :func:`compute_targets` evaluates the four targets of the benchmark
-issue as measured ratios with PASS / MISS / N/A; :func:`render` writes ``results.json`` (with the
+per-optimizer statistics; :func:`compute_targets` evaluates the benchmark's targets as measured
+ratios with PASS / MISS / N/A; :func:`render` writes ``results.json`` (with the
 summary), ``results.csv``, ``speed.csv``, ``report.md`` and the plots; :func:`format_tables` is
 the text the CLI prints. Nothing here trains.
 """
@@ -10,15 +10,28 @@ the text the CLI prints. Nothing here trains.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ocnopt.bench.runner import SCHEMA_VERSION, write_json
+from ocnopt.bench.outdir import atomic_write_text, output_lock, write_json
+from ocnopt.bench.paper import DDPNOPT_SOURCE, PAPER_PROTOCOL
+from ocnopt.bench.paper_report import (
+    ablation_summary,
+    ablation_tables,
+    cost_summary,
+    cost_table,
+    paper_detail_table,
+    paper_summary,
+    paper_table,
+    paper_targets,
+)
+from ocnopt.bench.schema import validate_results
 from ocnopt.bench.suites import FIRST_ORDER
+from ocnopt.bench.tables import fmt, make_target, md_table, mean_or_none, pm, std_or_none
 
 __all__ = [
     "PROTOCOL",
@@ -70,14 +83,8 @@ PROTOCOL = """\
 # --------------------------------------------------------------------------- statistics
 
 
-def _mean(xs: Sequence[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.fmean(vals) if vals else None
 
 
-def _std(xs: Sequence[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.stdev(vals) if len(vals) >= 2 else None
 
 
 def time_to_target(run: dict[str, Any], target: float | None) -> float | None:
@@ -107,14 +114,14 @@ def _row(opt: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
         "best_lr": opt["best_lr"],
         "n_runs": len(runs),
         "n_diverged": sum(bool(r["diverged"]) for r in runs),
-        "test_acc_mean": _mean([r["final"]["test_acc"] for r in runs]),
-        "test_acc_std": _std([r["final"]["test_acc"] for r in runs]),
-        "train_loss_mean": _mean([r["final"]["train_loss"] for r in runs]),
-        "train_loss_std": _std([r["final"]["train_loss"] for r in runs]),
-        "val_acc_mean": _mean([r["final"]["val_acc"] for r in runs]),
-        "ms_per_step": _mean([r["ms_per_step"] for r in runs]),
-        "train_time_s": _mean([r["train_time_s"] for r in runs]),
-        "peak_mem_mb": _mean([r["peak_mem_mb"] for r in runs]),
+        "test_acc_mean": mean_or_none([r["final"]["test_acc"] for r in runs]),
+        "test_acc_std": std_or_none([r["final"]["test_acc"] for r in runs]),
+        "train_loss_mean": mean_or_none([r["final"]["train_loss"] for r in runs]),
+        "train_loss_std": std_or_none([r["final"]["train_loss"] for r in runs]),
+        "val_acc_mean": mean_or_none([r["final"]["val_acc"] for r in runs]),
+        "ms_per_step": mean_or_none([r["ms_per_step"] for r in runs]),
+        "train_time_s": mean_or_none([r["train_time_s"] for r in runs]),
+        "peak_mem_mb": mean_or_none([r["peak_mem_mb"] for r in runs]),
         "ttt_s": None,
         "ttt_reached": None,
     }
@@ -127,10 +134,10 @@ def _layer_norm_means(runs: list[dict[str, Any]], key: str) -> list[float | None
         if not ln or not ln[key]:
             continue
         cols = list(zip(*ln[key], strict=True))
-        per_run.append([_mean(list(c)) for c in cols])
+        per_run.append([mean_or_none(list(c)) for c in cols])
     if not per_run:
         return None
-    return [_mean(list(v)) for v in zip(*per_run, strict=True)]
+    return [mean_or_none(list(v)) for v in zip(*per_run, strict=True)]
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -139,9 +146,16 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for exp in results["experiments"]:
         s: dict[str, Any] = {"name": exp["name"], "kind": exp["kind"], "dataset": exp["dataset"],
                              "model": exp["model"], "status": exp["status"],
-                             "skip_reason": exp["skip_reason"], "target_acc": None, "rows": []}
+                             "skip_reason": exp["skip_reason"], "target_acc": None, "rows": [],
+                             "loss": exp.get("loss", "cross_entropy"), "paper": None,
+                             "ablation": None}
         out[exp["name"]] = s
+        if exp.get("paper"):  # also for a skipped row: the paper's numbers are still shown
+            s["paper"] = paper_summary(exp, [])
         if exp["status"] != "ok":
+            continue
+        if exp["kind"] == "ablation":
+            s["ablation"] = ablation_summary(exp, results["runs"])
             continue
         if exp["kind"] == "robustness":
             for opt in exp["optimizers"]:
@@ -151,7 +165,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                     accs = [r["final"]["test_acc"] for r in runs]
                     by_m.append({"multiplier": m, "lr": opt["best_lr"] * m, "n_runs": len(runs),
                                  "n_diverged": sum(bool(r["diverged"]) for r in runs),
-                                 "test_acc_mean": _mean(accs), "test_acc_std": _std(accs)})
+                                 "test_acc_mean": mean_or_none(accs),
+                                 "test_acc_std": std_or_none(accs)})
                 valid = [b for b in by_m if b["test_acc_mean"] is not None]
                 worst = min(valid, key=lambda b: b["test_acc_mean"]) if valid else None
                 s["rows"].append({
@@ -179,19 +194,16 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 ttts = [time_to_target(r, target) for r in runs]
                 reached = [t for t in ttts if t is not None]
                 row["ttt_reached"] = f"{len(reached)}/{len(runs)}"
-                row["ttt_s"] = _mean(reached) if len(reached) == len(runs) else None
+                row["ttt_s"] = mean_or_none(reached) if len(reached) == len(runs) else None
             s["rows"].append(row)
+        if exp.get("paper"):
+            s["paper"] = paper_summary(exp, s["rows"])
     return {"experiments": out}
 
 
 # --------------------------------------------------------------------------- targets
 
 
-def _target(tid: str, what: str, status: str, *, experiment: str | None = None,
-            measured: float | None = None, threshold: float | None = None,
-            comparison: str | None = None, detail: str = "") -> dict[str, Any]:
-    return {"id": tid, "target": what, "experiment": experiment, "measured": measured,
-            "threshold": threshold, "comparison": comparison, "status": status, "detail": detail}
 
 
 def _best(rows: list[dict[str, Any]], key: str, pred: Callable[[dict[str, Any]], bool],
@@ -224,7 +236,7 @@ def _speed_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
                     peer_names: Sequence[str] = _PEER_NAMES) -> list[dict[str, Any]]:
-    """Evaluate the four targets of issue 3 from a :func:`summarise` result and speed rows.
+    """Evaluate the benchmark targets (a)-(d) from a :func:`summarise` result and speed rows.
 
     (a) best OCNOpt variant's mean final test acc / best first-order's, per compare experiment,
     PASS if >= 1; (b) best OCNOpt variant's time-to-target / Adam's on Fashion-MNIST CNN, PASS if
@@ -240,83 +252,83 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
     compare = [e for e in exps.values() if e["kind"] == "compare"]
     for e in compare:
         if e["status"] != "ok":
-            out.append(_target("a", what_a, "N/A", experiment=e["name"],
+            out.append(make_target("a", what_a, "N/A", experiment=e["name"],
                                detail=f"experiment skipped: {e['skip_reason']}"))
             continue
         ocn = _best(e["rows"], "test_acc_mean", _is_ocn)
         fo = _best(e["rows"], "test_acc_mean", lambda r: r["optimizer"] in FIRST_ORDER)
         if ocn is None or fo is None:
-            out.append(_target("a", what_a, "N/A", experiment=e["name"],
+            out.append(make_target("a", what_a, "N/A", experiment=e["name"],
                                detail="needs an OCNOpt variant and a first-order baseline"))
             continue
         ratio = ocn["test_acc_mean"] / fo["test_acc_mean"] if fo["test_acc_mean"] else None
         ok = ocn["test_acc_mean"] >= fo["test_acc_mean"]
-        out.append(_target(
+        out.append(make_target(
             "a", what_a, "PASS" if ok else "MISS", experiment=e["name"], measured=ratio,
             threshold=1.0, comparison=">=",
             detail=(f"{ocn['optimizer']} {ocn['test_acc_mean']:.4f} vs {fo['optimizer']} "
                     f"{fo['test_acc_mean']:.4f}")))
     if not compare:
-        out.append(_target("a", what_a, "N/A", detail="no compare experiment in this suite"))
+        out.append(make_target("a", what_a, "N/A", detail="no compare experiment in this suite"))
 
     what_b = f"OCNOpt time-to-target <= {TTT_RATIO_MAX}x Adam's on Fashion-MNIST CNN"
     fm = [e for e in compare if e["dataset"] == "fashion-mnist" and e["model"] == "cnn"]
     for e in fm:
         adam = next((r for r in e["rows"] if r["optimizer"] == "adam"), None)
         if e["status"] != "ok":
-            out.append(_target("b", what_b, "N/A", experiment=e["name"],
+            out.append(make_target("b", what_b, "N/A", experiment=e["name"],
                                detail=f"experiment skipped: {e['skip_reason']}"))
         elif adam is None or adam["ttt_s"] is None:
-            out.append(_target("b", what_b, "N/A", experiment=e["name"],
+            out.append(make_target("b", what_b, "N/A", experiment=e["name"],
                                detail="Adam did not run or did not reach the target in every seed"))
         else:
             ocn = _best(e["rows"], "ttt_s", _is_ocn, lower=True)
             if ocn is None:
                 reached = ", ".join(f"{r['optimizer']} {r['ttt_reached']}" for r in e["rows"]
                                     if _is_ocn(r))
-                out.append(_target("b", what_b, "MISS", experiment=e["name"],
+                out.append(make_target("b", what_b, "MISS", experiment=e["name"],
                                    threshold=TTT_RATIO_MAX, comparison="<=",
                                    detail=f"no OCNOpt variant reached the target in every seed "
                                           f"({reached or 'none ran'})"))
             else:
                 ratio = ocn["ttt_s"] / adam["ttt_s"] if adam["ttt_s"] > 0 else math.inf
-                out.append(_target(
+                out.append(make_target(
                     "b", what_b, "PASS" if ratio <= TTT_RATIO_MAX else "MISS",
                     experiment=e["name"], measured=ratio if math.isfinite(ratio) else None,
                     threshold=TTT_RATIO_MAX, comparison="<=",
                     detail=f"{ocn['optimizer']} {ocn['ttt_s']:.2f}s vs adam {adam['ttt_s']:.2f}s"
                            f" (target acc {e['target_acc']:.4f})"))
     if not fm:
-        out.append(_target("b", what_b, "N/A", detail="Fashion-MNIST CNN not in this run"))
+        out.append(make_target("b", what_b, "N/A", detail="Fashion-MNIST CNN not in this run"))
 
     what_c = "OCNOpt worst acc over the lr grid > Adam's and SGD's"
     rob = [e for e in exps.values() if e["kind"] == "robustness"]
     for e in rob:
         if e["status"] != "ok":
-            out.append(_target("c", what_c, "N/A", experiment=e["name"],
+            out.append(make_target("c", what_c, "N/A", experiment=e["name"],
                                detail=f"experiment skipped: {e['skip_reason']}"))
             continue
         ocn = _best(e["rows"], "worst_acc", _is_ocn)
         base = [r for r in e["rows"] if r["optimizer"] in ("adam", "sgd")
                 and r["worst_acc"] is not None]
         if ocn is None or not base:
-            out.append(_target("c", what_c, "N/A", experiment=e["name"],
+            out.append(make_target("c", what_c, "N/A", experiment=e["name"],
                                detail="needs an OCNOpt variant and adam or sgd"))
             continue
         ref = max(base, key=lambda r: r["worst_acc"])
         ratio = ocn["worst_acc"] / ref["worst_acc"] if ref["worst_acc"] > 0 else math.inf
         others = ", ".join(f"{r['optimizer']} {r['worst_acc']:.4f}" for r in base)
-        out.append(_target(
+        out.append(make_target(
             "c", what_c, "PASS" if ocn["worst_acc"] > ref["worst_acc"] else "MISS",
             experiment=e["name"], measured=ratio if math.isfinite(ratio) else None,
             threshold=1.0, comparison=">",
             detail=f"{ocn['optimizer']} {ocn['worst_acc']:.4f} vs {others}"))
     if not rob:
-        out.append(_target("c", what_c, "N/A", detail="no robustness experiment in this run"))
+        out.append(make_target("c", what_c, "N/A", detail="no robustness experiment in this run"))
 
     what_d = "OCNOpt ms/step <= every external second-order peer's"
     if not speed:
-        out.append(_target("d", what_d, "N/A", detail="speed suite not run"))
+        out.append(make_target("d", what_d, "N/A", detail="speed suite not run"))
     else:
         models = list(dict.fromkeys(r["model"] for r in speed))
         any_peer = False
@@ -328,7 +340,7 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
                 continue
             any_peer = True
             if not ocn:
-                out.append(_target("d", what_d, "N/A", experiment=f"speed:{model}",
+                out.append(make_target("d", what_d, "N/A", experiment=f"speed:{model}",
                                    detail="no OCNOpt row measured"))
                 continue
             ref = _speed_reference(ocn)
@@ -336,7 +348,7 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
             hi = max(r["ms_per_step"] for r in ocn)
             for p in peers:
                 ratio = ref["ms_per_step"] / p["ms_per_step"]
-                out.append(_target(
+                out.append(make_target(
                     "d", what_d, "PASS" if ratio <= 1.0 else "MISS",
                     experiment=f"speed:{model}", measured=ratio, threshold=1.0,
                     comparison="<=",
@@ -344,155 +356,25 @@ def compute_targets(summary: dict[str, Any], speed: list[dict[str, Any]] | None,
                            f"{p['ms_per_step']:.2f} ms (all {len(ocn)} OCNOpt rows: "
                            f"{lo:.2f}..{hi:.2f} ms)"))
         if not any_peer:
-            out.append(_target("d", what_d, "N/A",
+            out.append(make_target("d", what_d, "N/A",
                                detail="no external peer measured (pip install 'ocnopt[peers]')"))
     return out
-
-
-# --------------------------------------------------------------------------- schema
-
-
-# A tiny structural schema: a type / tuple of types, a dict of required keys, ("list", spec),
-# ("map", spec) for str-keyed dicts, or ("null", spec) for "spec or null".
-_NUM = (int, float)
-_HISTORY = {k: ("list", ("null", _NUM)) for k in (
-    "step", "epoch", "time_s", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")}
-_RUN = {
-    "run_id": str,
-    "config": {"dataset": str, "model": str, "optimizer": str, "lr": _NUM, "seed": int,
-               "epochs": int, "batch_size": int, "model_options": dict,
-               "subset": ("null", int), "eval_subset": ("null", int),
-               "eval_every": ("null", int),
-               "norm_every": ("null", int), "device": str},
-    "status": str, "diverged": bool, "diverged_at_step": ("null", int),
-    "nonfinite_steps": int, "chance_acc": _NUM, "last_finite": ("null", dict),
-    "steps": int, "steps_per_epoch": int, "train_time_s": _NUM,
-    "ms_per_step": ("null", _NUM), "peak_mem_mb": ("null", _NUM),
-    "final": {"train_loss": ("null", _NUM), "val_acc": _NUM, "test_acc": _NUM,
-              "val_loss": ("null", _NUM), "test_loss": ("null", _NUM)},
-    "history": _HISTORY,
-    "layer_norms": ("null", {"layers": ("list", str), "step": ("list", int),
-                             "update_norm": ("list", ("list", ("null", _NUM))),
-                             "grad_norm": ("list", ("list", ("null", _NUM)))}),
-}
-_OPT = {"name": str, "family": str, "best_lr": _NUM, "lr_source": str,
-        "lr_grid": ("list", _NUM),
-        "tuning": ("list", {"lr": _NUM, "run_id": str, "val_acc": _NUM, "diverged": bool}),
-        "runs": ("list", {"run_id": str, "seed": int, "lr": _NUM, "lr_multiplier": _NUM})}
-_EXP = {"name": str, "kind": str, "dataset": str, "model": str, "epochs": int,
-        "batch_size": int, "subset": ("null", int), "seeds": ("list", int), "status": str,
-        "skip_reason": ("null", str), "data": ("null", dict),
-        "lr_multipliers": ("null", ("list", _NUM)),
-        "skipped_optimizers": ("list", {"name": str, "reason": str}),
-        "optimizers": ("list", _OPT)}
-_SPEED_ROW = {"model": str, "optimizer": str, "ms_per_step": ("null", _NUM),
-              "ratio_to_adam": ("null", _NUM), "peak_mem_mb": ("null", _NUM),
-              "state_mb": ("null", _NUM)}
-RESULTS_SCHEMA: dict[str, Any] = {
-    "schema_version": int,
-    "complete": bool,
-    "suite": {"name": str, "description": str, "seeds": int, "lr_tuning": bool, "speed": bool,
-              "experiments": ("list", dict)},
-    "meta": {"command": str, "started_at": str, "device": str, "torch_version": str,
-             "runs_trained": int, "runs_reused": int, "wall_time_s": ("null", _NUM)},
-    "experiments": ("list", _EXP),
-    "runs": ("map", _RUN),
-    "speed": ("null", ("list", _SPEED_ROW)),
-    "speed_error": ("null", str),
-}
-
-
-def _check(obj: Any, spec: Any, path: str, errors: list[str]) -> None:
-    if isinstance(spec, dict):
-        if not isinstance(obj, dict):
-            errors.append(f"{path}: expected object, got {type(obj).__name__}")
-            return
-        for key, sub in spec.items():
-            if key not in obj:
-                errors.append(f"{path}.{key}: missing")
-            else:
-                _check(obj[key], sub, f"{path}.{key}", errors)
-    elif isinstance(spec, tuple) and spec and isinstance(spec[0], str):
-        tag, sub = spec
-        if tag == "null":
-            if obj is not None:
-                _check(obj, sub, path, errors)
-        elif tag == "list":
-            if not isinstance(obj, list):
-                errors.append(f"{path}: expected array, got {type(obj).__name__}")
-                return
-            for i, item in enumerate(obj):
-                _check(item, sub, f"{path}[{i}]", errors)
-        elif tag == "map":
-            if not isinstance(obj, dict):
-                errors.append(f"{path}: expected object, got {type(obj).__name__}")
-                return
-            for k, item in obj.items():
-                _check(item, sub, f"{path}[{k!r}]", errors)
-    else:
-        types = spec if isinstance(spec, tuple) else (spec,)
-        ok = isinstance(obj, types) and not (isinstance(obj, bool) and bool not in types)
-        if isinstance(obj, float) and not math.isfinite(obj):
-            ok = False
-        if not ok:
-            want = "/".join(t.__name__ for t in types)
-            errors.append(f"{path}: expected {want}, got {type(obj).__name__} {obj!r:.40}")
-
-
-def validate_results(obj: Any) -> list[str]:
-    """Check ``obj`` (parsed ``results.json``) against the documented schema.
-
-    Returns a list of error strings (empty when valid): missing keys, wrong types, non-finite
-    numbers, an unknown ``schema_version``, or run ids referenced but not present.
-    """
-    errors: list[str] = []
-    _check(obj, RESULTS_SCHEMA, "$", errors)
-    if errors:
-        return errors
-    if obj["schema_version"] != SCHEMA_VERSION:
-        errors.append(f"$.schema_version: {obj['schema_version']} != {SCHEMA_VERSION}")
-    for e in obj["experiments"]:
-        if e["kind"] not in ("compare", "robustness", "vanishing"):
-            errors.append(f"$.experiments[{e['name']}].kind: unknown {e['kind']!r}")
-        for o in e["optimizers"]:
-            for r in [*o["runs"], *o["tuning"]]:
-                if r["run_id"] not in obj["runs"]:
-                    errors.append(f"$.experiments[{e['name']}]: run {r['run_id']} not in $.runs")
-    for rid, r in obj["runs"].items():
-        if r["run_id"] != rid:
-            errors.append(f"$.runs[{rid!r}].run_id: {r['run_id']!r} differs from its key")
-        h = r["history"]
-        if len({len(v) for v in h.values()}) > 1:
-            errors.append(f"$.runs[{rid!r}].history: series of different lengths")
-        if r["status"] not in ("ok", "diverged") or (r["status"] == "diverged") != r["diverged"]:
-            errors.append(f"$.runs[{rid!r}].status: inconsistent with diverged")
-    return errors
 
 
 # --------------------------------------------------------------------------- formatting
 
 
-def _f(v: float | None, fmt: str = ".4f") -> str:
-    return "-" if v is None else format(v, fmt)
 
 
-def _pm(m: float | None, s: float | None, fmt: str = ".4f") -> str:
-    if m is None:
-        return "-"
-    return f"{m:{fmt}} +- {s:{fmt}}" if s is not None else f"{m:{fmt}}"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += [fmt.format(*map(str, r)) for r in rows]
-    return "\n".join(lines)
 
 
 def _experiment_table(s: dict[str, Any]) -> str:
     if s["status"] != "ok":
         return f"skipped: {s['skip_reason']}"
+    if s["kind"] == "ablation":
+        return ablation_tables(s["ablation"] or [])
     if s["kind"] == "robustness":
         mults = [b["multiplier"] for b in s["rows"][0]["by_multiplier"]] if s["rows"] else []
         header = ["optimizer", "best lr", *[f"x{m:g}" for m in mults], "worst", "diverged"]
@@ -501,9 +383,9 @@ def _experiment_table(s: dict[str, Any]) -> str:
             div = sum(b["n_diverged"] for b in r["by_multiplier"])
             n = sum(b["n_runs"] for b in r["by_multiplier"])
             rows.append([r["optimizer"], f"{r['best_lr']:.3g}",
-                         *[_f(b["test_acc_mean"]) for b in r["by_multiplier"]],
-                         _f(r["worst_acc"]), f"{div}/{n}"])
-        return _md_table(header, rows)
+                         *[fmt(b["test_acc_mean"]) for b in r["by_multiplier"]],
+                         fmt(r["worst_acc"]), f"{div}/{n}"])
+        return md_table(header, rows)
     header = ["optimizer", "best lr", "test acc", "train loss", "ms/step", "TTT s", "diverged"]
     if s["kind"] == "vanishing":
         header += ["|du| first", "|du| last", "first/last"]
@@ -512,36 +394,36 @@ def _experiment_table(s: dict[str, Any]) -> str:
         header.append("peak MB")
     rows = []
     for r in s["rows"]:
-        ttt = _f(r["ttt_s"], ".2f") if r["ttt_s"] is not None else (
+        ttt = fmt(r["ttt_s"], ".2f") if r["ttt_s"] is not None else (
             f"- ({r['ttt_reached']})" if r["ttt_reached"] else "-")
-        row = [r["optimizer"], f"{r['best_lr']:.3g}", _pm(r["test_acc_mean"], r["test_acc_std"]),
-               _pm(r["train_loss_mean"], r["train_loss_std"]), _f(r["ms_per_step"], ".2f"),
+        row = [r["optimizer"], f"{r['best_lr']:.3g}", pm(r["test_acc_mean"], r["test_acc_std"]),
+               pm(r["train_loss_mean"], r["train_loss_std"]), fmt(r["ms_per_step"], ".2f"),
                ttt, f"{r['n_diverged']}/{r['n_runs']}"]
         if s["kind"] == "vanishing":
             un = r.get("layer_update_norm") or [None]
             first, last = un[0], un[-1]
             ratio = first / last if first is not None and last else None
-            row += [_f(first, ".2e"), _f(last, ".2e"), _f(ratio, ".3g")]
+            row += [fmt(first, ".2e"), fmt(last, ".2e"), fmt(ratio, ".3g")]
         if mem:
-            row.append(_f(r["peak_mem_mb"], ".1f"))
+            row.append(fmt(r["peak_mem_mb"], ".1f"))
         rows.append(row)
-    return _md_table(header, rows)
+    return md_table(header, rows)
 
 
 def _targets_table(targets: list[dict[str, Any]]) -> str:
     rows = []
     for t in targets:
         thr = f"{t['comparison']} {t['threshold']:g}" if t["threshold"] is not None else "-"
-        rows.append([t["id"], t["experiment"] or "-", t["target"], _f(t["measured"], ".3f"), thr,
+        rows.append([t["id"], t["experiment"] or "-", t["target"], fmt(t["measured"], ".3f"), thr,
                      t["status"], t["detail"]])
-    return _md_table(["", "experiment", "target", "ratio", "need", "status", "detail"], rows)
+    return md_table(["", "experiment", "target", "ratio", "need", "status", "detail"], rows)
 
 
 def _speed_table(speed: list[dict[str, Any]]) -> str:
-    rows = [[r["model"], r["optimizer"], _f(r.get("ms_per_step"), ".2f"),
-             _f(r.get("ratio_to_adam"), ".2f"), _f(r.get("peak_mem_mb"), ".1f"),
-             _f(r.get("state_mb"), ".2f")] for r in speed]
-    return _md_table(["model", "optimizer", "ms/step", "x Adam", "peak MB", "state MB"], rows)
+    rows = [[r["model"], r["optimizer"], fmt(r.get("ms_per_step"), ".2f"),
+             fmt(r.get("ratio_to_adam"), ".2f"), fmt(r.get("peak_mem_mb"), ".1f"),
+             fmt(r.get("state_mb"), ".2f")] for r in speed]
+    return md_table(["model", "optimizer", "ms/step", "x Adam", "peak MB", "state MB"], rows)
 
 
 def format_tables(results: dict[str, Any], summary: dict[str, Any],
@@ -554,13 +436,22 @@ def format_tables(results: dict[str, Any], summary: dict[str, Any],
         if s.get("target_acc") is not None:
             head += f"  target acc = {s['target_acc']:.4f}"
         parts += [head, _experiment_table(s)]
+        if s.get("paper") and s["status"] == "ok":
+            parts += ["", f"paper row {s['paper']['net']} {s['paper']['data']} (accuracy %):",
+                      paper_detail_table(s["paper"])]
         parts += [f"skipped {o['name']}: {o['reason']}" for o in skipped.get(name, [])]
         parts.append("")
+    table = paper_table(summary)
+    if table:
+        parts += ["## the paper's table beside ours (DDPNOpt, test accuracy %)", table, ""]
+    if summary.get("cost"):
+        parts += ["## cost per iteration against the batch size (s/iter, x Adam, peak MiB)",
+                  cost_table(summary["cost"]), ""]
     if results.get("speed"):
         parts += ["## speed", _speed_table(results["speed"]), ""]
     elif results.get("speed_error"):
         parts += ["## speed", f"not run: {results['speed_error']}", ""]
-    parts += ["## targets (issue 3)", _targets_table(targets)]
+    parts += ["## targets", _targets_table(targets)]
     if not results.get("complete", True):
         parts.append("\nNOTE: the suite did not finish; these are partial results "
                      "(finish with --resume).")
@@ -576,7 +467,7 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
         f"{suite['description']}", "",
         f"* command: `{meta['command']}`",
         f"* started: {meta['started_at']}, finished: {meta.get('finished_at') or 'not finished'}"
-        f", wall time {_f(meta.get('wall_time_s'), '.1f')} s",
+        f", wall time {fmt(meta.get('wall_time_s'), '.1f')} s",
         f"* machine: {meta.get('platform')}, {meta.get('processor')}, {meta.get('cpu_count')} "
         f"CPUs, device `{meta['device']}`"
         + (f" ({meta['cuda_device']})" if meta.get("cuda_device") else ""),
@@ -585,6 +476,13 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
         f"lr tuning {'on' if suite['lr_tuning'] else 'off'}",
         "", "## Protocol", "", PROTOCOL, "## Targets", "", _targets_table(targets), "",
     ]
+    table = paper_table(summary)
+    if table:
+        lines += ["## The paper's table beside ours", "",
+                  f"Paper: {DDPNOPT_SOURCE}. Its protocol, as far as known: {PAPER_PROTOCOL} "
+                  "Accuracy in %; `diff` = ours - paper; ranks among the paper's seven methods "
+                  "that have a number (ours: that ran); the last column lists where our budget "
+                  "differs from the paper's.", "", table, ""]
     by_exp: dict[str, list[Path]] = {}
     for p in plots:
         by_exp.setdefault(p.stem.rsplit("__", 1)[0], []).append(p)
@@ -599,18 +497,32 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
                          + (f", target acc {s['target_acc']:.4f}" if s.get("target_acc") else ""))
             lines.append("")
         lines += [_experiment_table(s), ""]
-        if exp["kind"] in _KIND_NOTES:
-            lines += [_KIND_NOTES[exp["kind"]], ""]
+        if s.get("paper") and s["status"] == "ok":
+            lines += [f"Paper row {s['paper']['net']} {s['paper']['data']} (accuracy %):", "",
+                      paper_detail_table(s["paper"]), ""]
+        note = _KIND_NOTES.get(exp["kind"] if exp["kind"] != "vanishing"
+                               else f"vanishing-{s['loss']}")
+        if note:
+            lines += [note, ""]
         if exp["optimizers"] and exp["lr_tuning"]:
             tune = [[o["name"], ", ".join(f"{t['lr']:.3g}: {t['val_acc']:.3f}"
                                           + (" (div)" if t["diverged"] else "")
                                           for t in o["tuning"])] for o in exp["optimizers"]]
-            lines += ["lr tuning (final val acc per lr):", "", _md_table(["optimizer", "grid"],
+            lines += ["lr tuning (final val acc per lr):", "", md_table(["optimizer", "grid"],
                                                                          tune), ""]
         for o in exp["skipped_optimizers"]:
             lines.append(f"* skipped `{o['name']}`: {o['reason']}")
         for p in by_exp.get(exp["name"], []):
             lines.append(f"![{p.stem}]({p.relative_to(out_dir).as_posix()})")
+        lines.append("")
+    if summary.get("cost"):
+        cs = summary["cost"]
+        lines += ["## Cost per iteration against the batch size", "", _COST_NOTE.format(
+            model=cs["config"]["model"], dataset=cs["config"]["dataset"],
+            shape=tuple(cs["config"]["input_shape"]), device=cs["device"],
+            threads=cs["num_threads"]), "", cost_table(cs), ""]
+        lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})"
+                  for p in by_exp.get("cost", [])]
         lines.append("")
     if results.get("speed"):
         lines += ["## Speed", "", _speed_table(results["speed"]), ""]
@@ -619,11 +531,31 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
     return "\n".join(lines) + "\n"
 
 
+_COST_NOTE = (
+    "`{model}` as on {dataset} (input {shape}), synthetic data, device `{device}`, {threads} "
+    "torch thread(s). Each cell: median s/iter over interleaved rounds (x Adam at the same "
+    "batch size), and the extra peak memory of training steps (CUDA: max_memory_allocated; "
+    "CPU: peak RSS growth in a fresh process). `skipped`: a step took longer than the limit at "
+    "a smaller batch size. Timing-sensitive: only meaningful on a quiet machine.")
+
+
 _KIND_NOTES = {
     "robustness": (
         "Columns x<m>: final test accuracy (mean over seeds) at lr = tuned lr x m; `worst` is the "
         "minimum over the multipliers; diverged runs count at chance level."),
-    "vanishing": (
+    "ablation": (
+        "Feedback ablation: every cell trains the base optimizer (feedback off) and its OCNOpt "
+        "variant (feedback on, all else equal) at that lr and second hyperparameter with the "
+        "same seeds, no lr tuning; cells show the paired test-accuracy difference variant - "
+        "base. Diverged runs count at chance level."),
+    "vanishing-mmc": (
+        "Deep sigmoid network trained with the Max-Mahalanobis Center loss as in DDPNOpt's Fig. "
+        "6 (fixed class centers of squared norm 10 with pairwise inner products -10/(C-1); loss "
+        "= ||z - mu_y||^2 / 2, so a collapsed network sits at 5; prediction = nearest center). "
+        "`|du|` is the per-layer update norm averaged over the recorded steps and seeds (first "
+        "= input layer); `sgd-vgr` is SGD with Pascanu et al.'s gradient-norm-preserving "
+        "regulariser (ocnopt.bench.vgr)."),
+    "vanishing-cross_entropy": (
         "Deep sigmoid network trained with cross-entropy (DDPNOpt's Fig. 6 used the MMC loss and "
         "reports that with cross-entropy no method escapes vanishing gradients). `|du|` is the "
         "per-layer update norm ||(W,b) after - before|| averaged over the recorded steps and "
@@ -656,35 +588,41 @@ def _csv_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _csv_text(rows: list[dict[str, Any]], fields: Sequence[str]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def render(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True
            ) -> tuple[str, list[Path]]:
     """Write summary+targets into ``results.json``, plus CSV, ``report.md`` and plots.
 
-    Returns ``(text of the tables, paths written)``.
+    Every file is written atomically while holding the output folder's lock. Returns
+    ``(text of the tables, paths written)``.
     """
     from ocnopt.bench import plots as plotting
 
     out = Path(out_dir)
     summary = summarise(results)
+    summary["cost"] = cost_summary(results.get("cost"))
     targets = compute_targets(summary, results.get("speed"))
+    targets += paper_targets(summary, summary["cost"])
     results = {**results, "summary": summary, "targets": targets}
     written: list[Path] = []
-    pngs = plotting.render_plots(results, summary, out / "plots") if plots else []
-    write_json(out / "results.json", results)
-    written.append(out / "results.json")
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(_csv_rows(summary))
-    written.append(out / "results.csv")
-    if results.get("speed"):
-        keys = list(dict.fromkeys(k for r in results["speed"] for k in r))
-        with open(out / "speed.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(results["speed"])
-        written.append(out / "speed.csv")
-    (out / "report.md").write_text(_markdown(results, summary, targets, pngs, out))
-    written.append(out / "report.md")
+    with output_lock(out):
+        pngs = plotting.render_plots(results, summary, out / "plots") if plots else []
+        write_json(out / "results.json", results)
+        written.append(out / "results.json")
+        atomic_write_text(out / "results.csv", _csv_text(_csv_rows(summary), _CSV_FIELDS))
+        written.append(out / "results.csv")
+        if results.get("speed"):
+            keys = list(dict.fromkeys(k for r in results["speed"] for k in r))
+            atomic_write_text(out / "speed.csv", _csv_text(results["speed"], keys))
+            written.append(out / "speed.csv")
+        atomic_write_text(out / "report.md", _markdown(results, summary, targets, pngs, out))
+        written.append(out / "report.md")
     written += pngs
     return format_tables(results, summary, targets), written

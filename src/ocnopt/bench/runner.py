@@ -47,10 +47,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from ocnopt.bench.data import DatasetSplits, DatasetUnavailableError, load_dataset
+from ocnopt.bench.data import DatasetError, DatasetSplits, DatasetUnavailableError, load_dataset
+from ocnopt.bench.losses import BenchLoss, get_loss
 from ocnopt.bench.models import build_model, count_parameters
 from ocnopt.bench.optimizers import OPTIMIZERS, OptimizerSpec, get_optimizer, train_step
-from ocnopt.bench.suites import Experiment, Suite
+from ocnopt.bench.outdir import BenchError, check_writable, output_lock, write_json
+from ocnopt.bench.schema import SCHEMA_VERSION, validate_run
+from ocnopt.bench.suites import CostConfig, Experiment, Suite
 
 __all__ = [
     "DIVERGE_PATIENCE",
@@ -61,6 +64,7 @@ __all__ = [
     "SpeedUnavailableError",
     "default_lr",
     "load_results",
+    "run_cost",
     "run_speed",
     "run_suite",
     "train_run",
@@ -69,16 +73,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 #: Consecutive non-finite minibatch losses after which a run counts as diverged.
 DIVERGE_PATIENCE = 20
 #: ``tiny_only`` optimizers (exact vanilla DDP) run only on models with at most this many params.
 TINY_MAX_PARAMS = 2000
 _CONV_MODELS = ("cnn", "small-cnn")
-
-
-class BenchError(RuntimeError):
-    """A benchmark cannot run as asked (the message says why); the CLI prints it cleanly."""
 
 
 class SpeedUnavailableError(BenchError):
@@ -107,9 +106,12 @@ class RunConfig:
     norm_every: int | None = None
     device: str = "cpu"
     eval_subset: int | None = None
+    loss: str = "cross_entropy"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready dict (tuples as lists), equal to what a run file stores."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def run_id(self) -> str:
         """Readable, content-addressed id, e.g. ``digits-fcn-adam-lr0.001-s0-1a2b3c4d``."""
@@ -126,14 +128,6 @@ def _finite_or_none(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (no NaN) atomically (tmp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def load_results(out_dir: Path) -> dict[str, Any]:
     """Read ``out_dir/results.json``; ``BenchError`` if missing or unreadable."""
     path = Path(out_dir) / "results.json"
@@ -141,9 +135,9 @@ def load_results(out_dir: Path) -> dict[str, Any]:
         raise BenchError(f"no results.json in {out_dir} (run `ocnopt bench --out {out_dir}` "
                          "first, or add --resume to finish an interrupted suite)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"{path} is not valid JSON: {exc}") from exc
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
+        raise BenchError(f"{path} is not readable JSON: {exc}") from None
 
 
 @contextmanager
@@ -163,9 +157,9 @@ def _sync(dev: torch.device) -> None:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, ds: TensorDataset, dev: torch.device,
+def _evaluate(model: nn.Module, ds: TensorDataset, dev: torch.device, loss: BenchLoss,
               batch: int = 2048) -> tuple[float, float]:
-    """``(mean cross-entropy, accuracy)`` of ``model`` on ``ds`` in eval mode."""
+    """``(mean loss, accuracy)`` of ``model`` on ``ds`` in eval mode."""
     was_training = model.training
     model.eval()
     x_all, y_all = ds.tensors
@@ -173,11 +167,23 @@ def _evaluate(model: nn.Module, ds: TensorDataset, dev: torch.device,
     for i in range(0, len(y_all), batch):
         x, y = x_all[i:i + batch].to(dev), y_all[i:i + batch].to(dev)
         out = model(x)
-        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        loss_sum += float(loss.sum(out, y))
+        correct += int((loss.predict(out) == y).sum())
     model.train(was_training)
-    n = max(len(y_all), 1)
+    n = len(y_all)
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty split")
     return loss_sum / n, correct / n
+
+
+def _output_width(model: nn.Module, data: DatasetSplits, dev: torch.device) -> int:
+    """Width ``D`` of the model's output (B, D), from one training sample."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        width = int(model(data.train.tensors[0][:1].to(dev)).shape[1])
+    model.train(was_training)
+    return width
 
 
 def _params_finite(model: nn.Module) -> bool:
@@ -204,13 +210,13 @@ def train_run(cfg: RunConfig, data: DatasetSplits, *, progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes,
                         dataset=data.name, **cfg.model_options).to(dev)
-    opt = spec.build(model, cfg.lr, **spec.options)
+    loss_fn = get_loss(cfg.loss, data.num_classes, _output_width(model, data, dev))
+    opt = spec.build(model, cfg.lr, **{**spec.options, **cfg.optimizer_options})
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = BatchSampler(RandomSampler(data.train, generator=gen), cfg.batch_size,
                            drop_last=False)
     loader = DataLoader(data.train, sampler=sampler, batch_size=None)
     steps_per_epoch = len(sampler)
-    loss_fn = nn.functional.cross_entropy
     chance = 1.0 / data.num_classes
 
     hist: dict[str, list[Any]] = {k: [] for k in (
@@ -230,8 +236,8 @@ def train_run(cfg: RunConfig, data: DatasetSplits, *, progress: bool = True) -> 
 
     def record_eval(with_val: bool = True) -> None:
         nonlocal last_finite
-        vl, va = _evaluate(model, data.val, dev) if with_val else (None, None)
-        tl, ta = _evaluate(model, data.test, dev)
+        vl, va = _evaluate(model, data.val, dev, loss_fn) if with_val else (None, None)
+        tl, ta = _evaluate(model, data.test, dev, loss_fn)
         finite = [v for v in interval_losses if math.isfinite(v)]
         hist["step"].append(step)
         hist["epoch"].append(round(step / max(steps_per_epoch, 1), 4))
@@ -361,6 +367,58 @@ def run_speed(out_dir: Path, device: str, quick: bool) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+# --------------------------------------------------------------------------- run files
+
+
+def _reusable_record(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The finished record of ``cfg`` stored in ``path``, or ``None`` when there is none.
+
+    Anything unusable there (unreadable, not UTF-8, not JSON, not a run record, a directory,
+    the record of another configuration) is treated as missing, with a warning naming the file,
+    so that ``--resume`` trains that run again instead of aborting the suite.
+    """
+    if not os.path.lexists(path):
+        return None
+    try:
+        rec = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
+        log.warning("unreadable run file %s (%s): training this run again", path, exc)
+        return None
+    errors = validate_run(rec)
+    if errors:
+        log.warning("malformed run file %s (%s): training this run again", path,
+                    "; ".join(errors[:3]))
+        return None
+    if rec["config"] != cfg.to_dict() or rec["run_id"] != cfg.run_id():
+        log.warning("run file %s holds another configuration: training this run again", path)
+        return None
+    return rec
+
+
+def _move_aside_if_directory(path: Path) -> None:
+    """A directory where a run file belongs would make the write fail: rename it (kept)."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f"{path.name}.not-a-run-file-{os.getpid()}-{int(time.time())}")
+        path.rename(aside)
+        log.warning("%s was a directory, not a run file: moved it to %s", path, aside)
+
+
+def run_cost(cfg: CostConfig, device: str) -> dict[str, Any]:
+    """Cost per iteration against the batch size (:mod:`ocnopt.bench.cost`), JSON-ready."""
+    from ocnopt.bench.cost import measure_cost
+
+    log.info("cost: %d optimizers x %d batch sizes", len(cfg.optimizers), len(cfg.batch_sizes))
+    with _threads(cfg.num_threads):
+        torch.set_flush_denormal(True)  # denormals slow some CPU kernels; not what is measured
+        try:
+            rows = measure_cost(cfg, device, progress=lambda m: log.info("cost: %s", m))
+        finally:
+            torch.set_flush_denormal(False)
+    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "device": device,
+            "num_threads": torch.get_num_threads() if cfg.num_threads is None
+            else cfg.num_threads, "rows": rows}
+
+
 # --------------------------------------------------------------------------- suites
 
 
@@ -368,17 +426,18 @@ class _SuiteRun:
     """State of one suite execution: run store, dataset cache, counters, progress bar."""
 
     def __init__(self, suite: Suite, out_dir: Path, *, device: str, resume: bool,
-                 data_dir: str | Path | None, strict_data: bool, progress: bool) -> None:
+                 data_dir: str | Path | None, strict_data: bool, verify_data: bool,
+                 progress: bool) -> None:
         from tqdm.auto import tqdm
 
         self.suite, self.out_dir, self.device = suite, Path(out_dir), device
         self.resume, self.data_dir, self.strict = resume, data_dir, strict_data
-        self.progress = progress
+        self.progress, self.verify_data = progress, verify_data
         self.runs_dir = self.out_dir / "runs"
         self.records: dict[str, dict[str, Any]] = {}
         self.trained: list[str] = []
         self.reused: list[str] = []
-        self._data: dict[tuple[str, bool | None, int | None], DatasetSplits] = {}
+        self._data: dict[tuple[Any, ...], DatasetSplits] = {}
         self.bar = tqdm(total=0, desc=f"{suite.name} runs", unit="run", file=sys.stderr,
                         disable=not progress, dynamic_ncols=True)
 
@@ -389,21 +448,14 @@ class _SuiteRun:
             self.bar.update(1)
             return self.records[rid]
         path = self.runs_dir / f"{rid}.json"
-        rec: dict[str, Any] | None = None
-        if self.resume and path.is_file():
-            try:
-                rec = json.loads(path.read_text())
-                if rec.get("config") != cfg.to_dict():
-                    rec = None
-            except (OSError, json.JSONDecodeError):
-                log.warning("unreadable run file %s: training it again", path)
-                rec = None
+        rec = _reusable_record(path, cfg) if self.resume else None
         if rec is not None:
             self.reused.append(rid)
         else:
             self.bar.set_postfix_str(f"{cfg.dataset}/{cfg.model} {cfg.optimizer} "
                                      f"lr={cfg.lr:.3g} s{cfg.seed}", refresh=False)
             rec = train_run(cfg, data, progress=self.progress)
+            _move_aside_if_directory(path)
             write_json(path, rec)
             self.trained.append(rid)
             if rec["diverged"]:
@@ -413,19 +465,39 @@ class _SuiteRun:
         return rec
 
     # ---- data
-    def data(self, exp: Experiment) -> DatasetSplits:
+    def _data_key(self, exp: Experiment) -> tuple[Any, ...]:
         flatten = False if exp.model in _CONV_MODELS else None
-        key = (exp.dataset, flatten, exp.subset, exp.eval_subset)
+        return (exp.dataset, flatten, exp.subset, exp.eval_subset)
+
+    def data(self, exp: Experiment) -> DatasetSplits:
+        """The experiment's dataset (only the most recent one is kept in memory)."""
+        key = self._data_key(exp)
         if key not in self._data:
-            data = load_dataset(exp.dataset, data_dir=self.data_dir, flatten=flatten,
-                                subset=exp.subset)
-            if exp.eval_subset is not None:  # first N of the fixed val/test splits
-                n = exp.eval_subset
+            dataset, flatten, subset, eval_subset = key
+            data = load_dataset(dataset, data_dir=self.data_dir, flatten=flatten, subset=subset,
+                                verify=self.verify_data)
+            if eval_subset is not None:  # first N of the fixed val/test splits
                 data = dataclasses.replace(
-                    data, val=TensorDataset(*(t[:n] for t in data.val.tensors)),
-                    test=TensorDataset(*(t[:n] for t in data.test.tensors)))
-            self._data[key] = data
+                    data, val=TensorDataset(*(t[:eval_subset] for t in data.val.tensors)),
+                    test=TensorDataset(*(t[:eval_subset] for t in data.test.tensors)))
+            self._data = {key: data}
         return self._data[key]
+
+    def preflight(self) -> None:
+        """Load every experiment's dataset once before anything trains, so that files which are
+        there but unusable (incomplete, corrupt, another dataset's, an empty split) stop the
+        suite at once instead of after hours; missing datasets are handled per experiment."""
+        seen: set[tuple[Any, ...]] = set()
+        for exp in self.suite.experiments:
+            if self._data_key(exp) in seen:
+                continue
+            seen.add(self._data_key(exp))
+            try:
+                self.data(exp)
+            except DatasetError as exc:
+                raise BenchError(f"{exp.name}: {exc}") from None
+            except (DatasetUnavailableError, ValueError):
+                continue  # reported by experiment(): skipped, or an error under strict_data
 
     # ---- experiments
     def _resolve(self, exp: Experiment, data: DatasetSplits
@@ -456,28 +528,35 @@ class _SuiteRun:
             log.info("%s: skipping optimizer %s: %s", exp.name, s["name"], s["reason"])
         return specs, skipped
 
-    def _cfg(self, exp: Experiment, opt: str, lr: float, seed: int) -> RunConfig:
+    def _cfg(self, exp: Experiment, opt: str, lr: float, seed: int,
+             options: dict[str, Any] | None = None) -> RunConfig:
         return RunConfig(
             dataset=exp.dataset, model=exp.model, optimizer=opt, lr=float(lr), seed=seed,
             epochs=exp.epochs, batch_size=exp.batch_size, model_options=dict(exp.model_options),
             subset=exp.subset, eval_every=exp.eval_every,
             norm_every=exp.norm_every if exp.kind == "vanishing" else None, device=self.device,
-            eval_subset=exp.eval_subset)
+            eval_subset=exp.eval_subset, loss=exp.loss, optimizer_options=dict(options or {}))
+
+    def _seeds(self, exp: Experiment) -> int:
+        return exp.seeds if exp.seeds is not None else self.suite.seeds
 
     def experiment(self, exp: Experiment) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": exp.name, "kind": exp.kind, "dataset": exp.dataset, "model": exp.model,
             "model_options": dict(exp.model_options), "epochs": exp.epochs,
             "batch_size": exp.batch_size, "subset": exp.subset, "eval_every": exp.eval_every,
-            "eval_subset": exp.eval_subset,
-            "num_threads": exp.num_threads, "seeds": list(range(self.suite.seeds)),
-            "lr_tuning": self.suite.lr_tuning,
+            "eval_subset": exp.eval_subset, "loss": exp.loss,
+            "paper": list(exp.paper) if exp.paper else None,
+            "num_threads": exp.num_threads, "seeds": list(range(self._seeds(exp))),
+            "lr_tuning": self.suite.lr_tuning and exp.kind != "ablation",
             "lr_multipliers": list(exp.lr_multipliers) if exp.kind == "robustness" else None,
             "status": "ok", "skip_reason": None, "data": None, "skipped_optimizers": [],
-            "optimizers": [],
+            "optimizers": [], "ablation": None,
         }
         try:
             data = self.data(exp)
+        except DatasetError as exc:
+            raise BenchError(f"{exp.name}: {exc}") from None
         except (DatasetUnavailableError, ValueError) as exc:
             if self.strict:
                 raise BenchError(f"{exp.name}: {exc}") from exc
@@ -487,14 +566,18 @@ class _SuiteRun:
         entry["data"] = {"name": data.name, "source": data.source, "notes": data.notes,
                          "sizes": list(data.sizes), "input_shape": list(data.input_shape),
                          "num_classes": data.num_classes}
+        if exp.kind == "ablation":
+            with _threads(exp.num_threads):
+                entry["ablation"], entry["skipped_optimizers"] = self._ablation(exp, data)
+            return entry
         specs, entry["skipped_optimizers"] = self._resolve(exp, data)
         n_mult = len(exp.lr_multipliers) if exp.kind == "robustness" else 1
         for spec in specs:  # run() calls this experiment will make (some are cache hits)
             self.bar.total += (len(spec.lr_grid) if self.suite.lr_tuning else 0) + \
-                n_mult * self.suite.seeds
+                n_mult * self._seeds(exp)
         self.bar.refresh()
         log.info("%s: %d optimizers, %d seeds, %d epochs", exp.name, len(specs),
-                 self.suite.seeds, exp.epochs)
+                 self._seeds(exp), exp.epochs)
         with _threads(exp.num_threads):
             for spec in specs:
                 entry["optimizers"].append(self._optimizer(exp, spec, data))
@@ -523,7 +606,7 @@ class _SuiteRun:
         mults = list(exp.lr_multipliers) if exp.kind == "robustness" else [1.0]
         runs = []
         for m in mults:
-            for seed in range(self.suite.seeds):
+            for seed in range(self._seeds(exp)):
                 rec = self.run(self._cfg(exp, spec.name, best_lr * m, seed), data)
                 runs.append({"run_id": rec["run_id"], "seed": seed, "lr": best_lr * m,
                              "lr_multiplier": m})
@@ -531,6 +614,35 @@ class _SuiteRun:
                 "mode": spec.mode, "lr_grid": [float(v) for v in spec.lr_grid],
                 "best_lr": best_lr, "lr_source": "tuned" if self.suite.lr_tuning else "default",
                 "tuning": tuning, "runs": runs}
+
+    def _ablation(self, exp: Experiment, data: DatasetSplits
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """Every grid: base and variant at every (lr, value), seeds 0..n-1; no tuning."""
+        grids, skipped = [], []
+        n_seeds = self._seeds(exp)
+        for grid in exp.ablation:
+            missing = [n for n in (grid.base, grid.variant)
+                       if n not in OPTIMIZERS or not OPTIMIZERS[n].available()[0]]
+            if missing:
+                skipped += [{"name": n, "reason": "not available in this installation"}
+                            for n in missing]
+                continue
+            self.bar.total += 2 * len(grid.lrs) * len(grid.values) * n_seeds
+            self.bar.refresh()
+            cells = []
+            for value in grid.values:
+                for lr in grid.lrs:
+                    ids = {}
+                    for role, name in (("base", grid.base), ("variant", grid.variant)):
+                        ids[role] = [self.run(self._cfg(exp, name, lr, seed,
+                                                        grid.options(value)), data)["run_id"]
+                                     for seed in range(n_seeds)]
+                    cells.append({"lr": float(lr), "value": float(value),
+                                  "base_runs": ids["base"], "variant_runs": ids["variant"]})
+            grids.append({"base": grid.base, "variant": grid.variant, "param": grid.param,
+                          "values": [float(v) for v in grid.values],
+                          "lrs": [float(v) for v in grid.lrs], "cells": cells})
+        return grids, skipped
 
 
 def _meta(suite: Suite, device: str, data_dir: str | Path | None) -> dict[str, Any]:
@@ -561,26 +673,40 @@ def run_suite(
     resume: bool = False,
     data_dir: str | Path | None = None,
     strict_data: bool = False,
+    verify_data: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``suite``; write ``runs/*.json`` and ``results.json`` under ``out_dir``; return results.
 
-    ``resume`` reuses finished run files (same config hash); without it every run is trained
-    again and its file overwritten. ``strict_data`` turns a missing dataset or an incompatible
-    dataset/model pair into an error instead of a skipped experiment. ``results.json`` is
-    rewritten after every experiment with ``complete: false`` until the suite has finished.
+    ``resume`` reuses finished run files (same config hash; unusable files are trained again);
+    without it every run is trained again and its file overwritten. ``strict_data`` turns a
+    missing dataset or an incompatible dataset/model pair into an error instead of a skipped
+    experiment; files that are there but unusable are always an error, raised before anything
+    trains (``verify_data``: check the official checksums, see ``load_dataset``).
+    ``results.json`` is rewritten after every experiment with ``complete: false`` until the
+    suite has finished. The output folder is checked for writability first and locked while
+    the suite runs (:func:`ocnopt.bench.outdir.output_lock`).
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError(f"--device {device} requested but torch.cuda.is_available() is False")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    with output_lock(out):
+        return _run_suite_locked(suite, out, device=device, resume=resume, data_dir=data_dir,
+                                 strict_data=strict_data, verify_data=verify_data,
+                                 progress=progress)
+
+
+def _run_suite_locked(suite: Suite, out: Path, *, device: str, resume: bool,
+                      data_dir: str | Path | None, strict_data: bool, verify_data: bool,
+                      progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     state = _SuiteRun(suite, out, device=device, resume=resume, data_dir=data_dir,
-                      strict_data=strict_data, progress=progress)
+                      strict_data=strict_data, verify_data=verify_data, progress=progress)
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "complete": False, "suite": suite.to_dict(),
         "meta": _meta(suite, device, data_dir), "experiments": [], "runs": state.records,
-        "speed": None, "speed_error": None,
+        "speed": None, "speed_error": None, "cost": None,
     }
 
     def save() -> None:
@@ -589,6 +715,7 @@ def run_suite(
         write_json(out / "results.json", results)
 
     try:
+        state.preflight()
         for exp in suite.experiments:
             results["experiments"].append(state.experiment(exp))
             save()
@@ -600,6 +727,9 @@ def run_suite(
                     raise
                 log.warning("speed suite skipped: %s", exc)
                 results["speed_error"] = str(exc)
+        if suite.cost is not None:
+            results["cost"] = run_cost(suite.cost, device)
+            save()
     finally:
         state.bar.close()
     results["complete"] = True

@@ -8,9 +8,16 @@ overrides (``--dataset/--model/--optimizers/--seeds/--epochs/...``).
 Experiment kinds
 ----------------
 * ``compare``: tune lr on the validation split (1 seed), then ``seeds`` runs at the best lr.
+  With ``paper`` set, the report puts the paper's number for that row beside ours.
 * ``robustness``: tune as above, then ``seeds`` runs at ``best_lr * m`` for every multiplier.
 * ``vanishing``: like ``compare`` but records per-layer update/gradient norms every
-  ``norm_every`` steps (meant for the deep-sigmoid network).
+  ``norm_every`` steps (meant for the deep-sigmoid network; ``loss="mmc"`` as in DDPNOpt).
+* ``ablation``: the feedback ablation: for every :class:`AblationGrid`, the base optimizer
+  (feedback off) and its OCNOpt variant (feedback on, all else equal) at every lr x second
+  hyperparameter of the grid, ``seeds`` seeds each, no tuning.
+
+A suite may also measure the cost per iteration against the batch size (:class:`CostConfig`,
+measured by :mod:`ocnopt.bench.cost`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "AblationGrid",
+    "CostConfig",
     "FIRST_ORDER",
     "KINDS",
     "ROBUSTNESS_MULTIPLIERS",
@@ -32,7 +41,7 @@ __all__ = [
     "get_suite",
 ]
 
-KINDS = ("compare", "robustness", "vanishing")
+KINDS = ("compare", "robustness", "vanishing", "ablation")
 #: The first-order baselines that define the time-to-target accuracy.
 FIRST_ORDER = ("sgd", "rmsprop", "adam")
 #: lr multipliers of the robustness sweep (applied to each method's tuned lr).
@@ -43,6 +52,58 @@ _CORE = ("sgd", "adam", "rmsprop", "kfac", "ekfac", "ocnopt-identity", "ocnopt-a
 _OC = ("emsa", "vanilla-ddp")
 _PEERS = ("soap", "shampoo", "singd")
 _VANISHING = ("sgd", "adam", "ekfac", "ocnopt-identity", "ocnopt-adam", "ocnopt-ekfac")
+
+
+@dataclass(frozen=True)
+class AblationGrid:
+    """One panel of the feedback ablation: ``base`` (registry name, feedback off) against
+    ``variant`` (the same optimizer with the feedback on, all else equal) at every ``lrs`` x
+    ``values`` of ``param`` (``momentum``, or ``beta1`` = Adam's first beta with beta2 0.999)."""
+
+    base: str
+    variant: str
+    param: str
+    values: tuple[float, ...]
+    lrs: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.param not in ("momentum", "beta1"):
+            raise ValueError(f"ablation param must be 'momentum' or 'beta1', got {self.param!r}")
+        if not self.values or not self.lrs:
+            raise ValueError("an ablation grid needs at least one value and one lr")
+
+    def options(self, value: float) -> dict[str, Any]:
+        """Optimizer keyword arguments setting ``param`` to ``value`` (JSON-ready)."""
+        if self.param == "beta1":
+            return {"betas": [float(value), 0.999]}
+        return {"momentum": float(value)}
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Cost per iteration against the batch size (:mod:`ocnopt.bench.cost`).
+
+    Synthetic N(0, 1) inputs of ``input_shape`` and random labels (cost does not depend on
+    the values) through ``build_model(model, dataset=dataset)``; every optimizer in
+    ``optimizers`` at every batch size: ``warmup`` untimed steps, then ``rounds`` interleaved
+    rounds of ``steps`` timed steps (median of the rounds' mean s/iter). Larger batches of a
+    method are skipped once its step takes more than ``max_step_s`` seconds. ``memory``:
+    measure peak memory (a fresh subprocess per point on CPU). ``num_threads``: torch threads
+    while measuring (``None``: leave as is).
+    """
+
+    optimizers: tuple[str, ...]
+    batch_sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    model: str = "fcn"
+    dataset: str = "digits"
+    input_shape: tuple[int, ...] = (64,)
+    num_classes: int = 10
+    steps: int = 20
+    warmup: int = 3
+    rounds: int = 3
+    max_step_s: float = 30.0
+    memory: bool = True
+    num_threads: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +124,11 @@ class Experiment:
         lr_multipliers: robustness grid, relative to the tuned lr.
         num_threads: ``torch.set_num_threads`` during the experiment (``None``: leave as is);
             1 is fastest for the tiny networks, where intra-op threads only add overhead.
+        loss: ``cross_entropy`` or ``mmc`` (:mod:`ocnopt.bench.losses`).
+        seeds: seeds at the best lr for this experiment (``None``: the suite's).
+        paper: ``(net, data)`` key of the paper's table (:mod:`ocnopt.bench.paper`) this row
+            reproduces, e.g. ``("FCN", "MNIST")``.
+        ablation: the grids of an ``ablation`` experiment.
     """
 
     dataset: str
@@ -78,6 +144,10 @@ class Experiment:
     norm_every: int = 5
     lr_multipliers: tuple[float, ...] = ROBUSTNESS_MULTIPLIERS
     num_threads: int | None = None
+    loss: str = "cross_entropy"
+    seeds: int | None = None
+    paper: tuple[str, str] | None = None
+    ablation: tuple[AblationGrid, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -85,11 +155,18 @@ class Experiment:
         for name in ("epochs", "batch_size", "norm_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seeds is not None and self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if (self.kind == "ablation") != bool(self.ablation):
+            raise ValueError("an ablation experiment needs ablation grids, and only it has them")
 
     @property
     def name(self) -> str:
-        """Unique name, e.g. ``digits-fcn`` or ``digits-fcn-robustness``."""
+        """Unique name, e.g. ``digits-fcn``, ``digits-fcn-robustness`` or
+        ``digits-deep-sigmoid-mmc-vanishing``."""
         base = f"{self.dataset}-{self.model}"
+        if self.loss != "cross_entropy":
+            base += f"-{self.loss}"
         return base if self.kind == "compare" else f"{base}-{self.kind}"
 
 
@@ -103,6 +180,7 @@ class Suite:
     seeds: int = 3
     lr_tuning: bool = True
     speed: bool = False
+    cost: CostConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (used in ``results.json``)."""
@@ -138,6 +216,72 @@ def _fashion_cnn(**kw: Any) -> Experiment:
                                 epochs=3, batch_size=128, subset=5000, eval_subset=2000,
                                 eval_every=13)
     return Experiment(**{**base, **kw})
+
+# ---------------------------------------------------------------- the DDPNOpt paper's experiments
+# The paper's seven methods; DDPNOpt's column is ocnopt-adam on FCNs (adaptive diagonal) and
+# ocnopt-ekfac on CNNs (Gauss-Newton), and the other OCNOpt variant runs beside it. vanilla-ddp
+# is tiny_only: it runs where the network fits (WINE) and is reported as skipped elsewhere.
+_PAPER_BASELINES = ("sgd", "rmsprop", "adam", "ekfac", "emsa", "vanilla-ddp")
+_DDPNOPT_FCN = _PAPER_BASELINES + ("ocnopt-adam", "ocnopt-ekfac")
+_DDPNOPT_CNN = _PAPER_BASELINES + ("ocnopt-ekfac", "ocnopt-adam")
+_VANISHING_MMC = ("sgd", "sgd-vgr", "ekfac", "ocnopt-identity", "ocnopt-adam", "ocnopt-ekfac")
+_ABLATION_GRIDS = (
+    AblationGrid("sgd-open", "ocnopt-identity", "momentum", (0.0, 0.5, 0.9),
+                 (0.01, 0.03, 0.1, 0.3, 1.0)),
+    AblationGrid("rmsprop-open", "ocnopt-rmsprop", "momentum", (0.0, 0.5, 0.9),
+                 (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)),
+    AblationGrid("adam-open", "ocnopt-adam", "beta1", (0.0, 0.5, 0.9),
+                 (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
+    AblationGrid("ekfac", "ocnopt-ekfac", "momentum", (0.0, 0.5, 0.9),
+                 (1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
+)
+_COST_OPTIMIZERS = ("adam", "ekfac", "ocnopt-adam", "ocnopt-ekfac", "emsa", "vanilla-ddp")
+
+
+def _paper_fcn(dataset: str, paper: str, **kw: Any) -> Experiment:
+    base: dict[str, Any] = dict(dataset=dataset, model="fcn", optimizers=_DDPNOPT_FCN,
+                                epochs=20, batch_size=32, num_threads=1, seeds=10,
+                                paper=("FCN", paper))
+    return Experiment(**{**base, **kw})
+
+
+def _paper_cnn(dataset: str, paper: str, **kw: Any) -> Experiment:
+    base: dict[str, Any] = dict(dataset=dataset, model="cnn", optimizers=_DDPNOPT_CNN,
+                                epochs=10, batch_size=128, seeds=3, paper=("CNN", paper))
+    return Experiment(**{**base, **kw})
+
+
+#: Every row of the paper's table this benchmark can run: offline first, then the rows that
+#: need --data-dir (skipped, with how to get the data, when it is absent).
+DDPNOPT_TABLE_ROWS = (
+    _paper_fcn("wine", "WINE", batch_size=8),
+    _paper_fcn("digits", "DIGITS"),
+    _paper_fcn("mnist5k", "MNIST"),
+    _paper_fcn("fashion-mnist", "F-MNIST", epochs=5, seeds=5),
+    _paper_cnn("mnist5k", "MNIST"),
+    _paper_cnn("fashion-mnist", "F-MNIST", subset=5000, eval_subset=2000),
+    _paper_fcn("mnist", "MNIST", epochs=10, seeds=5),
+    _paper_cnn("mnist", "MNIST"),
+    _paper_cnn("svhn", "SVHN"),
+    _paper_cnn("cifar10", "CIFAR-10", epochs=20),
+)
+DDPNOPT_VANISHING = Experiment(
+    "digits", "deep-sigmoid", _VANISHING_MMC, epochs=30, batch_size=32, kind="vanishing",
+    loss="mmc", eval_every=10, norm_every=5, num_threads=1, seeds=10)
+DDPNOPT_ABLATION = Experiment(
+    "digits", "fcn", (), epochs=10, batch_size=32, kind="ablation", ablation=_ABLATION_GRIDS,
+    num_threads=1, seeds=10)
+DDPNOPT_COST = CostConfig(_COST_OPTIMIZERS)
+
+_QUICK_GRIDS = tuple(dataclasses.replace(g, values=g.values[1:], lrs=g.lrs[1:4:2])
+                     for g in _ABLATION_GRIDS)
+DDPNOPT_QUICK = (
+    _paper_fcn("wine", "WINE", batch_size=8, epochs=2, seeds=2),
+    _paper_fcn("digits", "DIGITS", epochs=2, seeds=2),
+    _paper_fcn("mnist5k", "MNIST", epochs=1, seeds=2, subset=300),
+    dataclasses.replace(DDPNOPT_VANISHING, epochs=3, seeds=2),
+    dataclasses.replace(DDPNOPT_ABLATION, epochs=2, seeds=2, ablation=_QUICK_GRIDS),
+)
 
 SUITES: dict[str, Suite] = {
     s.name: s
@@ -194,6 +338,35 @@ SUITES: dict[str, Suite] = {
             speed=True,
         ),
         Suite(
+            "ddpnopt",
+            "the DDPNOpt paper's experiments: every row of its accuracy table that runs here "
+            "(WINE/DIGITS/mnist5k/Fashion-MNIST FCN, mnist5k CNN; MNIST, SVHN, CIFAR-10 with "
+            "--data-dir; Fashion-MNIST CNN without a paper number) with the paper's seven "
+            "methods beside its numbers, vanishing gradients with the MMC loss, the feedback "
+            "ablation over an lr x momentum grid, and the cost against the batch size (hours on "
+            "2 CPU cores; see docs/ddpnopt-reproduction.md)",
+            (*DDPNOPT_TABLE_ROWS, DDPNOPT_VANISHING, DDPNOPT_ABLATION), seeds=10,
+            cost=DDPNOPT_COST,
+        ),
+        Suite("ddpnopt-table", "the DDPNOpt suite's accuracy-table rows only",
+              DDPNOPT_TABLE_ROWS, seeds=10),
+        Suite("ddpnopt-vanishing", "the DDPNOpt suite's vanishing-gradient experiment (deep "
+              "sigmoid net, MMC loss, DIGITS)", (DDPNOPT_VANISHING,), seeds=10),
+        Suite("ddpnopt-ablation", "the DDPNOpt suite's feedback ablation over lr x momentum "
+              "(or beta1) grids on the DIGITS FCN", (DDPNOPT_ABLATION,), seeds=10),
+        Suite("ddpnopt-cost", "the DDPNOpt suite's cost per iteration and memory against the "
+              "batch size (8..256, DIGITS FCN)", (), seeds=1, lr_tuning=False,
+              cost=DDPNOPT_COST),
+        Suite(
+            "ddpnopt-quick",
+            "a few-minute smoke version of 'ddpnopt': WINE/DIGITS/mnist5k FCN rows (1-2 "
+            "epochs, 2 seeds, lr not tuned), vanishing (3 epochs), a 2x2 ablation grid per "
+            "base, cost at batch 8 and 32",
+            DDPNOPT_QUICK, seeds=2, lr_tuning=False,
+            cost=dataclasses.replace(DDPNOPT_COST, batch_sizes=(8, 32), steps=3, rounds=1,
+                                     max_step_s=5.0),
+        ),
+        Suite(
             "smoke",
             "tiny CI check: DIGITS FCN on 128 training samples, 1 epoch, sgd + ocnopt-identity",
             (_digits_fcn(optimizers=("sgd", "ocnopt-identity"), epochs=1, subset=128,
@@ -238,6 +411,8 @@ def apply_overrides(
             changes: dict[str, Any] = {"dataset": ds, "model": mo}
             if mo != exp.model:
                 changes["model_options"] = {}
+            if (ds, mo) != (exp.dataset, exp.model):
+                changes["paper"] = None  # no longer the paper's row
             if optimizers is not None:
                 changes["optimizers"] = tuple(optimizers)
             if epochs is not None:
@@ -248,6 +423,8 @@ def apply_overrides(
                 changes["subset"] = subset
             if num_threads is not None:
                 changes["num_threads"] = num_threads
+            if seeds is not None:
+                changes["seeds"] = None  # the suite-wide override wins
             new = dataclasses.replace(exp, **changes)
             exps.setdefault(new.name, new)
     return dataclasses.replace(
