@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ocnopt.layers import LayerHelper, helper_for
-from ocnopt.ode.block import ODEBlock, _CallField, find_ode_blocks
+from ocnopt.ode.block import _CallField, find_ode_blocks
 
 __all__ = ["ODELayer", "ODEFactors", "ODEFactorCollector", "ode_layers"]
 
@@ -54,7 +54,7 @@ class ODELayer:
 
     name: str
     module: nn.Module
-    block: ODEBlock
+    blocks: tuple[str, ...]  # names of the ODE blocks whose func contains it (usually one)
     helper: LayerHelper
 
 
@@ -66,20 +66,20 @@ def ode_layers(model: nn.Module) -> tuple[dict[nn.Module, ODELayer], list[str]]:
     per forward, so an optimizer must keep them out of per-forward capture and feedback.
     """
     names = {m: n for n, m in model.named_modules()}
-    layers: dict[nn.Module, ODELayer] = {}
-    skipped: list[str] = []
+    owners: dict[nn.Module, list[str]] = {}
     for bname, block in find_ode_blocks(model).items():
         for module in block.func.modules():
-            if not isinstance(getattr(module, "weight", None), Tensor):
-                continue
-            name = names.get(module, f"{bname}.func.?")
-            if module in layers:
-                raise ValueError(f"layer {name!r} is inside more than one ODE block")
-            helper, reason = helper_for(module)
-            if helper is None:
-                skipped.append(f"{name} ({reason})")
-                continue
-            layers[module] = ODELayer(name, module, block, helper)
+            if isinstance(getattr(module, "weight", None), Tensor):
+                owners.setdefault(module, []).append(bname)  # a field may be shared by blocks
+    layers: dict[nn.Module, ODELayer] = {}
+    skipped: list[str] = []
+    for module, blocks in owners.items():
+        name = names[module]
+        helper, reason = helper_for(module)
+        if helper is None:
+            skipped.append(f"{name} ({reason})")
+        else:
+            layers[module] = ODELayer(name, module, tuple(blocks), helper)
     return layers, skipped
 
 
@@ -272,13 +272,11 @@ class ODEFactorCollector:
         if keep is None:
             acc.a.add_(rows.t().mm(rows).mul_(w))
             acc.a_rows.add_(w * rows.shape[0])
-            active = 1.0
         else:
             km = keep.to(rows.dtype)
             acc.a.add_((rows * km[:, None]).t().mm(rows).mul_(w))
             acc.a_rows.add_(w * km.sum())
-            active = ev.mask.to(rows.dtype).mean()
-        acc.time.add_(w * active)
+        acc.time.add_(w if ev.mask is None else w * ev.mask.to(rows.dtype).mean())
         acc.a_samples += 1
         acc.batch_size = ev.batch
         acc.locations = rows.shape[0] / n_in
