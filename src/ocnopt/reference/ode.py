@@ -213,16 +213,18 @@ def _record(field: Field, layers: Sequence[nn.Module], t: Tensor, y: tuple[Tenso
 
 
 def dense_ekfac_direction(grad: Tensor, a_factor: Tensor, g_factor: Tensor, locations: float,
-                          batch: int, damping: float, decay: float) -> tuple[Tensor, Tensor]:
-    """EKFAC right after a refresh on ``(A, G)``, for one gradient matrix ``(d_out, d_in[+1])``.
+                          batch: int, damping: float, decay: float,
+                          m2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One EKFAC step on the eigenbases of ``(A, G)`` for a gradient matrix ``(d_out, d_in[+1])``.
 
-    ``m2 = L lambda_G lambda_A^T``, then ``m2 <- decay m2 + (1 - decay) B (U_G^T grad U_A)^2``,
-    direction ``U_G [(U_G^T grad U_A) / (m2 + damping)] U_A^T``. Returns ``(direction, m2)``.
+    ``m2`` (default: the refresh value ``L lambda_G lambda_A^T``, in ``eigh``'s ascending
+    order), then ``m2 <- decay m2 + (1 - decay) B (U_G^T grad U_A)^2`` and the direction
+    ``U_G [(U_G^T grad U_A) / (m2 + damping)] U_A^T``. Returns ``(direction, m2)``.
     """
     la, ua = torch.linalg.eigh(a_factor.double())
     lg, ug = torch.linalg.eigh(g_factor.double())
-    la, lg = la.clamp_min(0), lg.clamp_min(0)
-    m2 = locations * torch.outer(lg, la)
+    if m2 is None:
+        m2 = locations * torch.outer(lg.clamp_min(0), la.clamp_min(0))
     proj = ug.t() @ grad.double() @ ua
     m2 = decay * m2 + (1 - decay) * batch * proj ** 2
     return ug @ (proj / (m2 + damping)) @ ua.t(), m2
