@@ -4,6 +4,7 @@ CNF log-density against a closed form, loaders."""
 from __future__ import annotations
 
 import math
+import socket
 
 import numpy as np
 import pytest
@@ -115,8 +116,13 @@ def test_standard_normal_logprob():
     torch.testing.assert_close(standard_normal_logprob(z), want)
 
 
-def test_time_series_loaders():
+def test_time_series_loaders(monkeypatch):
     pytest.importorskip("sktime")
+
+    def offline(*args, **kwargs):
+        raise AssertionError("a loader tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
     jv = load_timeseries("japanese-vowels")
     assert jv.sizes == (216, 54, 370) and jv.input_shape == (29, 13) and jv.num_classes == 9
     x = torch.cat([jv.train.tensors[0], jv.val.tensors[0], jv.test.tensors[0]])

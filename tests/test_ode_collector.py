@@ -211,6 +211,8 @@ def test_ode_layers_lists_supported_and_skipped_modules():
     assert len(skipped) == 1 and "groups=2" in skipped[0]
     with pytest.raises(ValueError, match="not supported layers"):
         ODEFactorCollector(model, layers=[model[0]])
+    with pytest.raises(ValueError, match="no adjoint step callback"):
+        ODEFactorCollector(ODEBlock(f, method="scipy_solver"))
 
 
 def _live_tensors() -> tuple[int, int]:

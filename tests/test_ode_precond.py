@@ -69,7 +69,8 @@ def test_preconditioned_gradients_equal_dense_ekfac_on_the_oracle_factors():
                                                 0.75, m2.get(m))
             torch.testing.assert_close(_matrix(m), want, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(model[0].weight.grad, outside, rtol=0, atol=0)  # untouched
-    assert pre.steps == 2
+    assert pre.steps == 2 and pre._collector is None  # no statistic outlives the step
+    assert all(len(m._forward_hooks) + len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
 def test_factors_are_collected_only_on_refresh_steps():

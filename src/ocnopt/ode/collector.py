@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ocnopt.layers import LayerHelper, helper_for
-from ocnopt.ode.block import _CallField, find_ode_blocks
+from ocnopt.ode.block import _adjoint_callback_name, _CallField, find_ode_blocks
 
 __all__ = ["ODELayer", "ODEFactors", "ODEFactorCollector", "ode_layers"]
 
@@ -147,6 +147,10 @@ class ODEFactorCollector:
             found = {m: found[m] for m in wanted}
         self.layers = found
         self.blocks = list(find_ode_blocks(model).values())
+        blind = [b.method for b in self.blocks if _adjoint_callback_name(b.method) is None]
+        if blind:
+            raise ValueError(f"method(s) {sorted(set(blind))} call no adjoint step callback; "
+                             "collection needs a torchdiffeq fixed-grid or adaptive RK solver")
         self.calls = 0  # adjoint solves sampled
         self._acc: dict[nn.Module, _Accumulator] = {}
         self._handles: list[RemovableHandle] = []
