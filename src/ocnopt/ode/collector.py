@@ -89,7 +89,7 @@ class ODEFactors:
 
     ``A``: ``(d_in [+1], d_in [+1])``; ``G``: ``(d_out, d_out)``; ``batch_size``: ``B``;
     ``locations``: rows per sample ``L`` (output positions for Conv2d, 1 for Linear);
-    ``time``: ``W`` (0-dim tensor, time units); ``samples``: adjoint steps sampled.
+    ``time``: ``W`` (0-dim tensor, time units); ``samples``: adjoint steps in which it ran.
     """
 
     A: Tensor
@@ -107,8 +107,8 @@ class _Accumulator:
     a_rows: Tensor
     g_rows: Tensor
     time: Tensor
-    a_samples: int = 0
-    g_samples: int = 0
+    samples: int = 0  # evaluations in which the layer ran
+    g_seen: bool = False  # an output cotangent arrived
     batch_size: int = 1
     locations: float = 1.0
 
@@ -185,21 +185,17 @@ class ODEFactorCollector:
                 block._collector = None
         self._eval = None
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     # -- results ------------------------------------------------------------------------------
     def factors(self) -> dict[nn.Module, ODEFactors]:
         """Factors of every layer that was sampled (both ``A`` and ``G``) so far."""
         out: dict[nn.Module, ODEFactors] = {}
         for module, acc in self._acc.items():
-            if not (acc.a_samples and acc.g_samples):
+            if not (acc.samples and acc.g_seen):
                 continue
             a = acc.a / acc.a_rows
             g = acc.g * (acc.time.square() / acc.g_rows)
             out[module] = ODEFactors(a, g, acc.batch_size, acc.locations, acc.time.clone(),
-                                     acc.a_samples)
+                                     acc.samples)
         return out
 
     def retained_bytes(self) -> int:
@@ -210,8 +206,6 @@ class ODEFactorCollector:
     # -- sampling (called from the adjoint step callback) ----------------------------------
     def _sample(self, call: _CallField, t0: Tensor, aug_state: Sequence[Tensor],
                 dt: Tensor) -> None:
-        if not self.active:
-            return
         if call.sampled_by is not self:
             call.sampled_by = self
             self.calls += 1
@@ -227,7 +221,7 @@ class ODEFactorCollector:
                 f = call.evaluate(t, leaves if call.is_tuple else leaves[0])
                 fs = (f,) if isinstance(f, Tensor) else tuple(f)
                 pairs = [(fk, ak) for fk, ak in zip(fs, adj, strict=True) if fk.requires_grad]
-                anchors = [self._anchor(m) for m in dict.fromkeys(ev.ran)]
+                anchors = [self._anchor(m) for m in ev.ran]
                 inputs = [v for v in (*leaves, *anchors) if v is not None and v.requires_grad]
                 if pairs and inputs:
                     ev.recording_g = True
@@ -280,11 +274,12 @@ class ODEFactorCollector:
             km = keep.to(rows.dtype)
             acc.a.add_((rows * km[:, None]).t().mm(rows).mul_(w))
             acc.a_rows.add_(w * km.sum())
-        acc.time.add_(w if ev.mask is None else w * ev.mask.to(rows.dtype).mean())
-        acc.a_samples += 1
+        if module not in ev.ran:  # once per evaluation, even if the layer runs twice in it
+            acc.time.add_(w if ev.mask is None else w * ev.mask.to(rows.dtype).mean())
+            acc.samples += 1
+            ev.ran.append(module)
         acc.batch_size = ev.batch
         acc.locations = rows.shape[0] / n_in
-        ev.ran.append(module)
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         ev = self._eval
@@ -304,6 +299,6 @@ class ODEFactorCollector:
             acc.g.add_(rows.t().mm(rows).mul_(w))
             n = rows.shape[0] if keep is None else keep.to(rows.dtype).sum()
             acc.g_rows.add_(w * n)
-            acc.g_samples += 1
+            acc.g_seen = True
 
         output.register_hook(record)

@@ -80,8 +80,9 @@ class SNOptPreconditioner:
 
     @property
     def due(self) -> bool:
-        """Whether this step collects factors (every ``update_freq``-th, or a basis is missing)."""
-        return self.steps % self.update_freq == 0 or any("out_vectors" not in st
+        """Whether this step collects factors: every ``update_freq``-th step, and every step
+        until some layer has a basis (a layer that did not run waits for the next refresh)."""
+        return self.steps % self.update_freq == 0 or all("m2" not in st
                                                          for st in self.state.values())
 
     @contextlib.contextmanager
