@@ -70,6 +70,7 @@ def test_feedback_step_equals_its_formula():
         assert float(block.t1) == pytest.approx(max(0.1, t1 + want), rel=1e-12)
         deltas.append(want)
     assert len(deltas) == 2
+    assert ctrl.step() is None  # a second call before the next observe() changes nothing
     d = torch.full((size,), 0.05, dtype=D)  # propose() alone, for an explicit dtheta
     want = -lr * (q_t + sum(c * 0.05 for c in cross)) / q_tt
     assert float(ctrl.propose(d)) == pytest.approx(want, rel=1e-12)

@@ -114,7 +114,8 @@ class IntegrationTimeController:
         self.q_tt = torch.zeros_like(self.q_t)  # feedback: EMA of Q_tt
         self.grad = torch.zeros_like(self.q_t)  # gradient mode: EMA of g + reg * t1
         self.cross: Tensor | None = None  # feedback: EMA of g * p (flat), the cross term
-        self._before: Tensor | None = None  # theta before the update (update steps only)
+        self._pending = False  # observed an update step whose t1 update is still to come
+        self._before: Tensor | None = None  # feedback: theta before the parameter update
 
     # -- observation --------------------------------------------------------------------------
     def _flat_params(self) -> Tensor:
@@ -154,7 +155,8 @@ class IntegrationTimeController:
                 self.cross = torch.zeros_like(flat)
             self._ema(self.cross, flat * g.to(flat.dtype))
         self.count += 1
-        if self.due and self.mode == "feedback":
+        self._pending = self.due
+        if self._pending and self.mode == "feedback":
             self._before = self._flat_params().clone()
 
     @property
@@ -178,12 +180,13 @@ class IntegrationTimeController:
 
     @torch.no_grad()
     def step(self) -> Tensor | None:
-        """After the optimizer step: on update steps set ``t1`` and return ``dt1``, else None."""
-        if not self.due:
+        """After the optimizer step: on update steps set ``t1`` and return ``dt1``, else None
+        (also when called again before the next ``observe``)."""
+        if not self._pending:
             return None
+        self._pending = False
         if self.mode == "feedback":
-            if self._before is None:
-                return None
+            assert self._before is not None
             delta = self.propose(self._flat_params() - self._before)
             self._before = None
         else:
@@ -199,6 +202,7 @@ class IntegrationTimeController:
             "update_freq": self.update_freq, "min_t1": self.min_t1, "count": self.count,
             "q_t": self.q_t.clone(), "q_tt": self.q_tt.clone(), "grad": self.grad.clone(),
             "cross": None if self.cross is None else self.cross.clone(),
+            "pending": self._pending,
             "before": None if self._before is None else self._before.clone(),
         }
         return state
@@ -209,6 +213,7 @@ class IntegrationTimeController:
                   state["update_freq"], state["min_t1"])
         for key in ("mode", "lr", "reg", "momentum", "update_freq", "min_t1", "count"):
             setattr(self, key, state[key])
+        self._pending = bool(state["pending"])
         dev = self.block.t1.device
         self.q_t = state["q_t"].to(dev).clone()
         self.q_tt = state["q_tt"].to(dev).clone()
