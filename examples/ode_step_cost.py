@@ -9,7 +9,7 @@ Timing-sensitive: run it on a quiet machine (it pins one thread)::
    ``adam`` (forward, backward, Adam), ``snopt`` (forward, backward, EKFAC preconditioning of the
    ODE layers, SGD) on a step without collection, and ``snopt+collect`` (the same with the
    factors collected during the adjoint solve and the eigenbases refreshed: once every
-   ``update_freq`` steps).
+   ``update_freq`` steps; ``dt=0.1``: adjoint samples forced at least every 0.1).
 2. Peak memory allocated during one training step (torch profiler) with a fixed-step rk4 at
    ``h`` and ``h/4``: the adjoint with collection vs backprop through the solver.
 """
@@ -43,19 +43,22 @@ def step_cost(width: int, batch: int, rounds: int, update_freq: int) -> None:
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
     sgd = torch.optim.SGD(model.parameters(), lr=0.02)
     pre = SNOptPreconditioner(model, update_freq=update_freq)
-    rows: dict[str, list[tuple[float, int, int]]] = {"adam": [], "snopt": [],
-                                                     "snopt+collect": []}
+    dense = SNOptPreconditioner(model, update_freq=update_freq, sample_dt=0.1)
+    kinds = ("adam", "snopt", "snopt+collect", "snopt+collect dt=0.1")
+    rows: dict[str, list[tuple[float, int, int]]] = {k: [] for k in kinds}
 
     def run(kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        p = dense if kind.endswith("0.1") else pre
+
         def step() -> None:
             opt = adam if kind == "adam" else sgd
             opt.zero_grad()
-            if kind == "snopt+collect":
-                pre.steps = 0  # force a collection / refresh step
-            with pre.collect():
+            if "collect" in kind:
+                p.steps = 0  # force a collection / refresh step
+            with p.collect():
                 F.cross_entropy(model(x), y).backward()
             if kind != "adam":
-                pre.step()
+                p.step()
             opt.step()
 
         seconds = _timed(step)
@@ -63,9 +66,10 @@ def step_cost(width: int, batch: int, rounds: int, update_freq: int) -> None:
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     run("snopt+collect", x_all[:batch], y_all[:batch])  # warm-up; the first bases
+    run("snopt+collect dt=0.1", x_all[:batch], y_all[:batch])
     for r in range(rounds):
         xb, yb = x_all[(r + 1) * batch:(r + 2) * batch], y_all[(r + 1) * batch:(r + 2) * batch]
-        for kind in ("adam", "snopt", "snopt+collect"):
+        for kind in kinds:
             model.load_state_dict(state)  # the same weights (and dynamics) for every variant
             run(kind, xb, yb)
     adam_ms = statistics.median(s for s, _, _ in rows["adam"]) * 1e3

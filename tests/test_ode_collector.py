@@ -175,6 +175,26 @@ def test_adaptive_solver_weights_sum_to_the_interval():
     assert float(fac.time) == pytest.approx(0.7, rel=1e-12)  # clipped accepted steps only
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sample_dt_forces_dense_adjoint_samples(reverse):
+    torch.manual_seed(0)
+    f = TanhField().to(D)
+    block = ODEBlock(f, t1=0.95, rtol=1e-3, atol=1e-3, reverse=reverse)
+    x = torch.randn(4, 3, dtype=D)
+    with ODEFactorCollector(block) as coarse:
+        block(x).square().sum().backward()
+    with ODEFactorCollector(block, sample_dt=0.1) as dense:
+        block(x).square().sum().backward()
+    n_coarse = coarse.factors()[f.l1.linear].samples
+    fac = dense.factors()[f.l1.linear]
+    assert n_coarse < 10 <= fac.samples  # steps forced at the multiples of 0.1 in [0, 0.95]
+    assert float(fac.time) == pytest.approx(0.95, rel=1e-12)
+    block(x).square().sum().backward()  # no collector: the adjoint keeps its own steps
+    assert block.nfe_backward < 6 * 10
+    with pytest.raises(ValueError, match="sample_dt"):
+        ODEFactorCollector(block, sample_dt=0.0)
+
+
 def test_collection_only_inside_the_block_and_hooks_are_removed():
     torch.manual_seed(0)
     f = ConvField().to(D)

@@ -258,10 +258,26 @@ class ODEBlock(nn.Module):
         try:
             return odeint_adjoint(
                 field, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
-                options=self.options, adjoint_options=self.adjoint_options,
+                options=self.options, adjoint_options=self._adjoint_options(field),
                 adjoint_params=params)
         finally:
             field.phase = "backward"
+
+    def _adjoint_options(self, field: _CallField) -> dict[str, Any] | None:
+        """The adjoint solve's options; with an armed collector that asks for ``sample_dt``
+        (adaptive solvers), ``step_t`` forces adjoint steps at the multiples of ``sample_dt``."""
+        dt = self._collector.sample_dt if self._collector is not None else None
+        if dt is None or _adjoint_callback_name(self.method) != "callback_accept_step_adjoint":
+            return self.adjoint_options
+        if self.adjoint_options is not None:
+            opts = dict(self.adjoint_options)
+        else:  # torchdiffeq's default: the forward options without the norm
+            opts = {k: v for k, v in (self.options or {}).items() if k != "norm"}
+        tn = field.t_norm
+        start = torch.ceil(tn[0] / dt) * dt
+        opts["step_t"] = torch.arange(float(start), float(tn[-1]), dt, dtype=tn.dtype,
+                                      device=tn.device)
+        return opts
 
     def forward(self, x: State) -> State:
         sol = self.integrate(x, self.time_span())

@@ -34,6 +34,7 @@ ODE-RNN). Hooks exist only inside the ``with`` block.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,9 +135,19 @@ class ODEFactorCollector:
     Args:
         model: the network; every :class:`ODEBlock` inside it is sampled.
         layers: optional subset of the ODE-internal modules to collect (default: all).
+        sample_dt: optional maximum spacing of the samples for adaptive solvers: solves whose
+            forward runs inside the ``with`` get their adjoint steps forced onto the multiples of
+            ``sample_dt`` (torchdiffeq's ``step_t``), at the price of extra adjoint solver steps
+            (SNOpt samples a grid of 0.01). Default: the solver's own steps.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[nn.Module] | None = None) -> None:
+    def __init__(self, model: nn.Module, layers: Iterable[nn.Module] | None = None,
+                 sample_dt: float | None = None) -> None:
+        if sample_dt is not None and not (isinstance(sample_dt, (int, float))
+                                          and math.isfinite(sample_dt) and sample_dt > 0):
+            raise ValueError(f"invalid sample_dt={sample_dt!r}: allowed range is None or a "
+                             "finite float > 0")
+        self.sample_dt = None if sample_dt is None else float(sample_dt)
         found, _ = ode_layers(model)
         if layers is not None:
             wanted = list(layers)

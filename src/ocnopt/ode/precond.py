@@ -48,10 +48,14 @@ class SNOptPreconditioner:
         update_freq: steps between factor collections and eigenbasis refreshes (int >= 1).
         eigenvalue_decay: EMA decay of the eigenvalue statistics ``m2`` (``[0, 1)``; 0.75).
         max_rank: truncated eigenbases as in ``OCNOpt`` (None = exact).
+        sample_dt: passed to :class:`~ocnopt.ode.collector.ODEFactorCollector` (denser adjoint
+            samples for adaptive solvers, at extra cost on collection steps; None = the
+            solver's steps).
     """
 
     def __init__(self, model: nn.Module, damping: float = 0.05, update_freq: int = 100,
-                 eigenvalue_decay: float = 0.75, max_rank: int | None = None) -> None:
+                 eigenvalue_decay: float = 0.75, max_rank: int | None = None,
+                 sample_dt: float | None = None) -> None:
         ok = isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0
         if not ok:
             raise ValueError(f"invalid damping={damping!r}: allowed range is a finite float > 0")
@@ -69,6 +73,8 @@ class SNOptPreconditioner:
         self.update_freq = update_freq
         self.eigenvalue_decay = float(eigenvalue_decay)
         self.max_rank = max_rank
+        ODEFactorCollector(model, [], sample_dt)  # validates sample_dt and the solvers
+        self.sample_dt = sample_dt
         self.layers, skipped = ode_layers(model)
         if skipped:
             warnings.warn("layers inside ODE blocks without a Kronecker helper are not "
@@ -91,7 +97,7 @@ class SNOptPreconditioner:
         if not self.due:
             yield
             return
-        with ODEFactorCollector(self.model, self.layers) as col:
+        with ODEFactorCollector(self.model, self.layers, self.sample_dt) as col:
             yield
         self._collector = col
 

@@ -1,11 +1,13 @@
 """Brute-force float64 oracles for the Neural-ODE machinery (``ocnopt.ode``).
 
-Everything is an explicit loop over a fixed time grid, written for clarity: the trajectory is
-stored, vector-Jacobian products are taken explicitly (the gradient of ``<a, F>`` w.r.t. an
-additive perturbation of each layer's output), and the Kronecker factors are formed from all
-rows at once. It reproduces the arithmetic of torchdiffeq's fixed-grid ``euler`` / ``midpoint``
-solvers with ``options={"step_size": h}``, including the adjoint solve that runs backwards from
-the end time on its own grid, so ``ODEFactorCollector`` must agree with it to rounding error.
+Everything is an explicit loop over a fixed time grid, written for clarity: the forward
+trajectory and the augmented state ``(x, a)`` at every node of the backward grid are computed
+step by step, vector-Jacobian products are taken explicitly (the gradient of ``<a, F>`` w.r.t.
+an additive perturbation of each layer's output, no tensor hooks), every row is kept and the
+Kronecker factors are formed from all rows at once. It reproduces the arithmetic of
+torchdiffeq's fixed-grid ``euler`` / ``midpoint`` solvers with ``options={"step_size": h}``,
+including the adjoint solve that runs backwards from the end time on its own grid, so
+``ODEFactorCollector`` must agree with it to rounding error.
 
 Also: a dense EKFAC step on given factors (eigendecompositions of ``A`` and ``G``, Kronecker
 eigenvalue initialisation, one eigenvalue-EMA update), the oracle of ``SNOptPreconditioner``.
