@@ -51,11 +51,11 @@ def test_feedback_step_equals_its_formula():
         grads = list(torch.split(p, [q.numel() for q in params]))
         grads = [gr.reshape(q.shape) for gr, q in zip(grads, params, strict=True)]
         t1 = float(block.t1)
-        ctrl.observe(t1_grad=g, param_grads=grads)
+        ctrl.observe(t1_grad=g, param_grads=grads, batch_size=7)
         gv = float(g)
         q_t = mom * q_t + (1 - mom) * (reg * t1 + gv)
-        q_tt = mom * q_tt + (1 - mom) * (reg + gv * gv)
-        cross = [mom * c + (1 - mom) * gv * float(pi) for c, pi in zip(cross, p, strict=True)]
+        q_tt = mom * q_tt + (1 - mom) * (reg + 7 * gv * gv)
+        cross = [mom * c + (1 - mom) * 7 * gv * float(pi) for c, pi in zip(cross, p, strict=True)]
         assert ctrl.due == ((k + 1) % 3 == 0)
         with torch.no_grad():  # the "optimizer step": a known parameter change
             for q in params:
@@ -107,8 +107,9 @@ def test_observe_reads_dt1_after_backward_and_clears_it():
     assert block.t1_grad is None
     reg, mom = ctrl.reg, ctrl.momentum
     torch.testing.assert_close(ctrl.q_t, (1 - mom) * (reg * 0.6 + g))
+    torch.testing.assert_close(ctrl.q_tt, (1 - mom) * (reg + 5 * g * g))  # B = 5 of the call
     flat = torch.cat([gr.reshape(-1) for gr in grads])
-    torch.testing.assert_close(ctrl.cross, (1 - mom) * g * flat)
+    torch.testing.assert_close(ctrl.cross, (1 - mom) * 5 * g * flat)
     with pytest.raises(RuntimeError, match="not available"):
         ctrl.observe()
 
@@ -139,6 +140,8 @@ def test_invalid_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match="learn_t1=True"):
         IntegrationTimeController(ODEBlock(TanhField()))
     IntegrationTimeController(_block(), mode="gradient", reg=0.0)  # allowed for the baseline
+    with pytest.raises(ValueError, match="batch_size"):
+        IntegrationTimeController(_block()).observe(torch.ones((), dtype=D), batch_size=0)
 
 
 def test_state_round_trips_bitwise():

@@ -283,6 +283,11 @@ class ODEBlock(nn.Module):
         sol = self.integrate(x, self.time_span())
         return sol[-1] if isinstance(sol, Tensor) else tuple(s[-1] for s in sol)
 
+    @property
+    def batch_size(self) -> int | None:
+        """Batch size (dim 0 of the state) of the last call, None before the first."""
+        return self._last.batch if self._last is not None else None
+
     # -- counters -----------------------------------------------------------------------------
     @property
     def nfe_forward(self) -> int:

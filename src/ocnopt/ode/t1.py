@@ -1,12 +1,20 @@
 """The integration time ``t1`` of an ODE block as a control (SNOpt's t1 policy, spec §6.5).
 
-The objective is ``L + (reg/2) t1^2``. With ``g = dL/dt1`` (the batch-mean loss; exactly
-``<dL/dx(t1), F(t1, x(t1))>``) and ``p = dL/dtheta`` (the vector field's parameters), the
-second-order expansion in ``(t1, theta)`` with a Gauss-Newton (outer-product) curvature gives::
+The objective is ``L + (reg/2) t1^2``. With ``g = dL/dt1`` (the batch-mean loss over ``B``
+samples; exactly ``<dL/dx(t1), F(t1, x(t1))>``) and ``p = dL/dtheta`` (the vector field's
+parameters), the second-order expansion in ``(t1, theta)`` with a Gauss-Newton (outer-product)
+curvature gives::
 
     Q_t   = reg * t1 + g
-    Q_tt  = reg + g^2
-    Q_tth = g * p                      (a vector: the cross term)
+    Q_tt  = reg + B * g^2
+    Q_tth = B * g * p                  (a vector: the cross term)
+
+The outer products are per-sample second moments, ``E_i[(dl_i/dt1)^2]`` and
+``E_i[(dl_i/dt1)(dl_i/dtheta)]``, estimated from batch means with the factor ``B`` (exact when
+the per-sample terms are independent with zero mean; EKFAC's eigenvalue statistics
+``B * (U_G^T grad U_A)^2`` use the same proxy). The square of the batch-mean gradient alone
+would underestimate them about ``B``-fold and make the step ``~ -lr / g`` explode for small
+``g``.
 
 and, as ``t1`` is chosen after the parameter update ``dtheta``, the feedback policy::
 
@@ -18,9 +26,10 @@ Every ``Q`` term (and the baseline's gradient) is an exponential moving average 
 ``momentum``, bias-corrected like Adam's moments, so all terms of one formula are estimates of
 the same kind; ``dtheta`` is the realised change of this step (measured, not predicted).
 Differences from SNOpt's code, on purpose: ``g`` is the exact derivative of the batch-mean loss
-(SNOpt divides it by the batch size once more, which its tuned ``t1_lr``/``t1_reg`` absorb);
-SNOpt mixes latest values and averages in the feedback term; the baseline uses the true
-gradient ``g + reg * t1``; gradients are read after ``backward()`` returns; no host syncs.
+(SNOpt divides it by the batch size once more and squares that, ``Q_tt = reg + g^2 / B^2``, so
+its tuned ``t1_lr``/``t1_reg`` do not carry over); SNOpt mixes latest values and averages in the
+feedback term; the baseline uses the true gradient ``g + reg * t1``; gradients are read after
+``backward()`` returns; no host syncs.
 
 Loop (classic)::
 
@@ -113,7 +122,7 @@ class IntegrationTimeController:
         self.q_t = torch.zeros((), dtype=t1.dtype, device=t1.device)  # feedback: EMA of Q_t
         self.q_tt = torch.zeros_like(self.q_t)  # feedback: EMA of Q_tt
         self.grad = torch.zeros_like(self.q_t)  # gradient mode: EMA of g + reg * t1
-        self.cross: Tensor | None = None  # feedback: EMA of g * p (flat), the cross term
+        self.cross: Tensor | None = None  # feedback: EMA of B g p (flat), the cross term
         self._pending = False  # observed an update step whose t1 update is still to come
         self._before: Tensor | None = None  # feedback: theta before the parameter update
 
@@ -125,12 +134,14 @@ class IntegrationTimeController:
         avg.mul_(self.momentum).add_(value.to(avg.dtype), alpha=1 - self.momentum)
 
     def observe(self, t1_grad: Tensor | None = None,
-                param_grads: Sequence[Tensor | None] | None = None) -> None:
+                param_grads: Sequence[Tensor | None] | None = None,
+                batch_size: int | None = None) -> None:
         """Record this step's statistics; call after ``backward()`` returned.
 
         ``t1_grad`` (default: ``block.t1_grad``, cleared after reading) is ``dL/dt1``;
         ``param_grads`` (feedback mode; default: the ``.grad`` of ``params``, ``None`` = 0) the
-        raw gradients of the loss w.r.t. ``params``, before any preconditioning.
+        raw gradients of the loss w.r.t. ``params``, before any preconditioning;
+        ``batch_size`` ``B`` of the mean loss (default: the batch of the block's last call).
         """
         if t1_grad is None:
             t1_grad = self.block.t1_grad
@@ -143,8 +154,11 @@ class IntegrationTimeController:
         if self.mode == "gradient":
             self._ema(self.grad, g + self.reg * t1)
         else:
+            batch = batch_size if batch_size is not None else self.block.batch_size
+            if not (isinstance(batch, int) and batch >= 1):
+                raise ValueError(f"invalid batch_size={batch!r}: allowed range is an int >= 1")
             self._ema(self.q_t, self.reg * t1 + g)
-            self._ema(self.q_tt, self.reg + g * g)
+            self._ema(self.q_tt, self.reg + batch * g * g)
             grads = param_grads if param_grads is not None else [p.grad for p in self.params]
             if len(grads) != len(self.params):
                 raise ValueError(f"param_grads has {len(grads)} entries, expected "
@@ -153,7 +167,7 @@ class IntegrationTimeController:
                               for p, gr in zip(self.params, grads, strict=True)])
             if self.cross is None:
                 self.cross = torch.zeros_like(flat)
-            self._ema(self.cross, flat * g.to(flat.dtype))
+            self._ema(self.cross, flat * (batch * g).to(flat.dtype))
         self.count += 1
         self._pending = self.due
         if self._pending and self.mode == "feedback":
