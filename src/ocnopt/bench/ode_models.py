@@ -132,6 +132,8 @@ def cnf_field(dim: int, hidden: int = 64, layers: int = 3,
               activation: str = "softplus") -> nn.Module:
     """FFJORD's vector field ``net(t, z)``: ConcatSquashLinear layers with Softplus or Tanh."""
     acts = {"softplus": nn.Softplus, "tanh": nn.Tanh}
+    if not (isinstance(layers, int) and layers >= 1):
+        raise ValueError(f"invalid layers={layers!r}: allowed range is an int >= 1")
     if activation not in acts:
         raise ValueError(f"invalid activation={activation!r}: allowed values are "
                          f"{', '.join(acts)}")
