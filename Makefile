@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ocnopt-installed
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[bench,data,ode,peers,lightning,dev]"
+	$(PY) -m pip install -q -e ".[bench,data,ode,timeseries,peers,lightning,dev]"
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -36,29 +36,42 @@ class LayerHelper(ABC):
         return self.module.bias if self.has_bias else None  # type: ignore[return-value]
 
     @abstractmethod
-    def input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
-        """``(X^T X, X^T 1, N)`` of the input rows ``X`` ``(N, d_in)`` of one call."""
+    def input_moments(self, x: Tensor, row_weights: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor | int]:
+        """``(X^T W X, X^T w, sum w)`` of the input rows ``X`` ``(N, d_in)`` of one call, with
+        optional per-row weights ``w`` ``(N,)`` (rows ordered sample-major); ``W = diag(w)``."""
 
     @abstractmethod
-    def output_moments(self, g: Tensor) -> tuple[Tensor, int]:
-        """``(Y^T Y, N)`` of the output-gradient rows ``Y`` ``(N, d_out)`` of one call."""
+    def output_moments(self, g: Tensor, row_weights: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor | int]:
+        """``(Y^T W Y, sum w)`` of the output-gradient rows ``Y`` ``(N, d_out)`` of one call."""
 
-    def input_factor(self, xs: Sequence[Tensor]) -> tuple[Tensor, int]:
-        """Input factor ``A = mean_rows a a^T`` over the calls ``xs`` (with the ones column of
-        an optimised bias, assembled without copying the rows) and the number of rows."""
-        xtx, colsum, n = self.input_moments(xs[0])
-        for x in xs[1:]:
-            p, s, m = self.input_moments(x)
-            xtx, colsum, n = xtx + p, colsum + s, n + m
+    @abstractmethod
+    def rows_per_sample(self, x: Tensor) -> int:
+        """Number of factor rows (locations) per sample of the layer input ``x``."""
+
+    def input_outer(self, x: Tensor, row_weights: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor | int]:
+        """``(sum_r w_r a_r a_r^T, sum_r w_r)`` over the rows ``a_r`` of one call, with the ones
+        column of an optimised bias (assembled as a block, the rows are never copied)."""
+        xtx, colsum, n = self.input_moments(x, row_weights)
         if not self.has_bias:
-            return xtx.div_(n), n
+            return xtx, n
         d = xtx.shape[0]
         out = xtx.new_empty(d + 1, d + 1)
         out[:d, :d] = xtx
         out[:d, d] = colsum
         out[d, :d] = colsum
         out[d, d] = n
-        return out.div_(n), n
+        return out, n
+
+    def input_factor(self, xs: Sequence[Tensor]) -> tuple[Tensor, int]:
+        """Input factor ``A = mean_rows a a^T`` over the calls ``xs`` and the number of rows."""
+        total, n = self.input_outer(xs[0])
+        for x in xs[1:]:
+            s, m = self.input_outer(x)
+            total, n = total + s, n + m
+        return total.div_(n), int(n)
 
     def output_factor(self, gs: Sequence[Tensor], batch: int) -> Tensor:
         """Output factor ``G = mean_rows (B g)(B g)^T`` over the calls' gradients ``gs`` of the

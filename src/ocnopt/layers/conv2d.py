@@ -44,21 +44,39 @@ class Conv2dHelper(LayerHelper):
         super().__init__(module, train_bias, batch_dim)
         self._padding = _explicit_padding(module)
 
-    def input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+    def input_moments(self, x: Tensor, row_weights: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor | int]:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
         cols = F.unfold(self._cast(x), m.kernel_size, dilation=m.dilation, padding=self._padding,
                         stride=m.stride)  # (B, C*kh*kw, L): one row per (sample, location)
-        a = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*kh*kw, B*L)
-        return a.mm(a.t()), a.sum(1), a.shape[1]
+        a = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*kh*kw, B*L), sample-major
+        if row_weights is None:
+            return a.mm(a.t()), a.sum(1), a.shape[1]
+        wa = a * row_weights.to(a.dtype)
+        return wa.mm(a.t()), wa.sum(1), row_weights.sum()
 
-    def output_moments(self, g: Tensor) -> tuple[Tensor, int]:
+    def output_moments(self, g: Tensor, row_weights: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor | int]:
         g = self._cast(g)
-        n = g.shape[0] * g.shape[2] * g.shape[3]
+        n: Tensor | int = g.shape[0] * g.shape[2] * g.shape[3]
+        if row_weights is not None:
+            n = row_weights.sum()
         if g.is_contiguous(memory_format=torch.channels_last):  # rows are a view
             y = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-            return y.t().mm(y), n
+            wy = y if row_weights is None else y * row_weights.to(y.dtype)[:, None]
+            return wy.t().mm(y), n
         g3 = g.flatten(2)  # (B, C, H*W): sum of per-sample C x C products, no copy
-        return torch.matmul(g3, g3.transpose(1, 2)).sum(0), n
+        wg = g3 if row_weights is None else g3 * row_weights.to(g3.dtype).view(
+            g.shape[0], 1, -1)
+        return torch.matmul(wg, g3.transpose(1, 2)).sum(0), n
+
+    def rows_per_sample(self, x: Tensor) -> int:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        pad = self._padding
+        h, w = x.shape[-2:]
+        out = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+            (h, w), pad, m.dilation, m.kernel_size, m.stride, strict=True)]
+        return out[0] * out[1]
 
     def weight_grad(self, x: Tensor, g: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         m: nn.Conv2d = self.module  # type: ignore[assignment]

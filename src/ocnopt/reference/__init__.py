@@ -3,6 +3,8 @@
 Brute force (explicit Jacobians / Hessians), slow, readable.  It is the test oracle of the
 fast optimizers and the "vanilla DDP" baseline of the tiny-net benchmark.
 
+``reference.ode`` holds the Neural-ODE oracles (fixed-grid adjoint factor sampling, dense EKFAC).
+
 Sign convention (algorithm.md §1): du* = -(k + K dx) with k = Q_uu^{-1} Q_u, K = Q_uu^{-1} Q_ux.
 """
 
@@ -31,8 +33,22 @@ from .model import (
     stages,
     trajectory,
 )
+from .ode import (
+    FIXED_METHODS,
+    OracleFactors,
+    adjoint_factor_oracle,
+    dense_ekfac_direction,
+    fixed_grid,
+    solve_fixed,
+)
 
 __all__ = [
+    "FIXED_METHODS",
+    "OracleFactors",
+    "adjoint_factor_oracle",
+    "dense_ekfac_direction",
+    "fixed_grid",
+    "solve_fixed",
     "LossSpec",
     "Policy",
     "QTerms",
