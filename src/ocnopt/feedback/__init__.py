@@ -1,0 +1,34 @@
+"""Game-theoretic (DGNOpt) feedback: structure of non-Markovian networks from the autograd graph,
+single-backward partial gradients of cut tensors, cooperative stage solves."""
+
+from ocnopt.feedback.cooperative import joint_weights, output_inner, per_sample_gram, update_effect
+from ocnopt.feedback.game import GameFeedback
+from ocnopt.feedback.record import Observer, Recorder
+from ocnopt.feedback.structure import (
+    INFORMATION,
+    CutTerm,
+    GamePlan,
+    ModuleCall,
+    PlayerPlan,
+    Seen,
+    analyse,
+    edge_of,
+)
+
+__all__ = [
+    "INFORMATION",
+    "CutTerm",
+    "GameFeedback",
+    "GamePlan",
+    "ModuleCall",
+    "Observer",
+    "PlayerPlan",
+    "Recorder",
+    "Seen",
+    "analyse",
+    "edge_of",
+    "joint_weights",
+    "output_inner",
+    "per_sample_gram",
+    "update_effect",
+]
