@@ -17,8 +17,8 @@ positive definite (``G = blkdiag(G_n)``, ``E`` the block pattern ``(J - I) (x) I
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ocnopt.layers.base import LayerHelper
 
@@ -53,11 +53,15 @@ def output_inner(g: Tensor, out: Tensor) -> Tensor:
 
 def update_effect(module: nn.Module, x: Tensor, g: Tensor, dw: Tensor, db: Tensor | None) -> Tensor:
     """``r_i = <q_i, delta theta>`` for a parameter change ``(dw, db)`` of a Linear/Conv2d layer:
-    one forward of the layer with the change as its parameters (``(B,)``)."""
-    params = {"weight": dw}
-    if db is not None:
-        params["bias"] = db
-    return output_inner(g, functional_call(module, params, (x,)))
+    the layer's map evaluated with the change as its parameters (no module hooks fire), ``(B,)``.
+    """
+    if isinstance(module, nn.Conv2d):
+        out = module._conv_forward(x, dw, db)
+    elif isinstance(module, nn.Linear):
+        out = F.linear(x, dw, db)
+    else:
+        raise TypeError(f"expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
+    return output_inner(g, out)
 
 
 def joint_weights(
