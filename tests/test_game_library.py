@@ -83,6 +83,7 @@ def identity_game_step(model: nn.Module, closure, lr: float, information: str = 
     with game.observe(), FeedbackPass([], [p.call.module for p in plan.players], on_input), \
             torch.no_grad():
         closure()
+    game.release()
     return effects
 
 
@@ -255,3 +256,25 @@ def test_invalid_information_raises() -> None:
     game = GameFeedback(nn.Linear(2, 2), [])
     with pytest.raises(RuntimeError, match="record"):
         game.prepare(torch.zeros((), requires_grad=True) * 1)
+
+
+def test_release_drops_the_step_tensors() -> None:
+    import gc
+    import weakref
+
+    model = ResidualMLP()
+    x, y = batch((4,))
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    game = GameFeedback(model, layers, "nash")
+    with game.record():
+        loss = F.cross_entropy(model(x), y)
+    plan = game.prepare(loss)
+    with game.collect():
+        loss.backward()
+    ref = weakref.ref(plan.players[2].terms[1].seen.tensor)  # a skip tensor (fc2's cut: h0)
+    del plan, loss
+    gc.collect()
+    assert ref() is not None  # still needed for the second pass
+    game.release()
+    gc.collect()
+    assert ref() is None

@@ -155,7 +155,10 @@ def test_cut_terms_carry_the_whole_upstream_change(name: str) -> None:
     make, shape = MODELS[name]
     model = make()
     x, y = data(shape)
-    game, plan, grads = first_pass(model, x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        game, plan, grads = first_pass(model, x, y)
+    assert len(caught) == len(plan.warnings())  # attention: its weights are not observable
     calls = game.recorder.calls
     g = torch.Generator().manual_seed(8)
     direction = {p: torch.randn(p.shape, generator=g, dtype=D) for p in grads}
@@ -261,7 +264,8 @@ def test_cooperative_groups() -> None:
     names = [[plan.players[i].call.name for i in g] for g in plan.groups]
     assert names == [["4.conv1", "4.downsample.0"]]
     x, y = data((12,))
-    _, plan, _ = first_pass(Attention(), x, y, "cooperative")
+    with pytest.warns(RuntimeWarning, match="SoftmaxBackward0"):
+        _, plan, _ = first_pass(Attention(), x, y, "cooperative")
     assert [[plan.players[i].call.name for i in g] for g in plan.groups] == [["q", "k", "v"]]
     x, y = data((1, 4, 4))
     _, plan, _ = first_pass(Inception(), x, y, "cooperative")
@@ -297,8 +301,11 @@ def test_unobservable_cut_tensor_falls_back_with_a_warning_naming_the_layer() ->
     game = GameFeedback(model, layers_of(model), "nash")
     with game.record():
         loss = F.cross_entropy(model(x), y)
-    with pytest.warns(RuntimeWarning, match=r"fc2: output of \w+ \(not seen by any module"):
+    with pytest.warns(RuntimeWarning) as caught:
         plan = game.prepare(loss)
+    assert [str(w.message).split("used for them): ")[1] for w in caught] == [
+        f"{name}: output of TanhBackward0 (not seen by any module before the layer)"
+        for name in ("fc1", "fc2")]  # h is read by fc1's input `2 * h` and after fc2
     fc2 = next(p for p in plan.players if p.call.name == "fc2")
     assert [t.own for t in fc2.terms] == [True]
     with warnings.catch_warnings():

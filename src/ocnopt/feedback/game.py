@@ -10,6 +10,7 @@ Use, per step (``docs/game-theory.md`` has the derivation)::
         grads = torch.autograd.grad(loss, ...)
     with game.observe(), torch.no_grad():         # second pass; in each layer's pre-hook:
         closure()                                 #   s = beta * game.feedback(layer, x_hat)
+    game.release()                                # drop the step's tensors
 
 ``feedback(layer, x_hat)`` is the per-sample sum over the layer's cut tensors ``c`` of
 ``<dl_i/dc, c_hat_i - c_i>`` (``dl_i/dc`` the partial gradient of sample i's own loss), plus, under
@@ -179,6 +180,13 @@ class GameFeedback:
             if self._player[other].call.start_seq > start:
                 s += effect
         return s
+
+    def release(self) -> None:
+        """Drop every reference to the step's tensors (call when the step is done)."""
+        self.recorder, self.plan, self._observer = None, None, None
+        self._player.clear()
+        self._partial.clear()
+        self._pending.clear()
 
     def _observed(self, term: CutTerm) -> Tensor | None:
         return None if self._observer is None else self._observer.get(term.seen)

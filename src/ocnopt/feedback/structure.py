@@ -29,7 +29,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
-from torch.autograd.graph import Node, get_gradient_edge
+from torch.autograd.graph import Node
 
 __all__ = [
     "INFORMATION",
@@ -52,11 +52,10 @@ Edge = tuple[Node, int]
 
 
 def edge_of(t: Tensor) -> Edge | None:
-    """The autograd edge holding the current value of ``t`` (``None`` if it needs no grad)."""
-    if not t.requires_grad:
-        return None
-    e = get_gradient_edge(t)
-    return (e.node, e.output_nr)
+    """The autograd edge holding the current value of ``t``; ``None`` for tensors without a
+    ``grad_fn`` (constants, and graph leaves such as parameters, which are never state)."""
+    fn = t.grad_fn
+    return None if fn is None else (fn, t.output_nr)
 
 
 @dataclass
