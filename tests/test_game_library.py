@@ -26,6 +26,8 @@ from ocnopt.hooks import FeedbackPass, ForwardCapture
 from ocnopt.layers import helper_for
 from ocnopt.reference import (
     AugmentedGame,
+    Op,
+    Program,
     ResidualMLP,
     TinyResCNN,
     TwoBranchNet,
@@ -175,6 +177,38 @@ def test_chain_nash_is_the_current_optimizer_step(make, shape) -> None:
         lambda: F.cross_entropy(ref(x), y))
     identity_game_step(got, lambda: F.cross_entropy(got(x), y), lr=0.9, information="nash",
                        feedback_scale=1.5, weight_decay=0.02)
+    for a, b in zip(ref.parameters(), got.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+class InputBranches(nn.Module):
+    """Two branches read the network input itself (a tensor without an autograd edge)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.fa, self.fb, self.head = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(5, 3)
+        self.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(torch.cat([self.fa(x), self.fb(x)], dim=1)))
+
+    def program(self) -> Program:
+        return Program("x", (
+            Op("a", ("x",), layer=self.fa), Op("b", ("x",), layer=self.fb),
+            Op("c", ("a", "b"), fn=lambda a, b: torch.cat([a, b], dim=1)),
+            Op("t", ("c",), fn=torch.tanh), Op("out", ("t",), layer=self.head)), "out")
+
+
+def test_branches_reading_the_data_form_a_cooperative_group() -> None:
+    x, y = batch((4,))
+    ref, got = InputBranches(), InputBranches()
+    pols = game_step(ref.program(), x, y, "cross_entropy", lr=0.7, information="cooperative",
+                     feedback_scale=1.5)
+    assert pols[0].players == (0, 1)
+    effects = identity_game_step(got, lambda: F.cross_entropy(got(x), y), lr=0.7,
+                                 information="cooperative", feedback_scale=1.5)
+    assert set(effects) == {got.fa, got.fb}
     for a, b in zip(ref.parameters(), got.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 

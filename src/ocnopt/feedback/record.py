@@ -133,6 +133,8 @@ class Recorder:
         self._open.setdefault(module, []).append(idx)
         call.inputs = self._see(idx, "input", [a if isinstance(a, Tensor) else None
                                                for a in args])
+        if args and isinstance(args[0], Tensor):
+            call.arg0, call.arg0_version = args[0], args[0]._version
         if module in self.watched:
             self._last_watched_start = self._event
 

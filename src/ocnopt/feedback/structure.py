@@ -94,7 +94,10 @@ class ModuleCall:
     """One call of one module in the first pass.
 
     ``index``: the module's call count before this call; ``start_seq``: the autograd sequence
-    counter at the pre-hook; ``start_event`` / ``end_event``: hook order of the pre/post hooks.
+    counter at the pre-hook; ``start_event`` / ``end_event``: hook order of the pre/post hooks;
+    ``inputs`` / ``outputs``: the tensors with an autograd edge it saw; ``arg0``: its first
+    positional argument if a tensor (with or without an edge: players reading the same data
+    tensor are parallel branches too) and ``arg0_version`` its version then.
     """
 
     module: nn.Module
@@ -105,6 +108,8 @@ class ModuleCall:
     end_event: int = -1
     inputs: list[Seen] = field(default_factory=list)
     outputs: list[Seen] = field(default_factory=list)
+    arg0: Tensor | None = None
+    arg0_version: int = 0
 
 
 @dataclass
@@ -249,12 +254,13 @@ def analyse(
         plans.append(PlayerPlan(call, terms[p], dropped[p]))
     groups: list[tuple[int, ...]] = []
     if information == "cooperative":
-        by_input: dict[Edge, list[int]] = {}
-        for p, e in enumerate(own_edge):
-            if e is not None:
-                by_input.setdefault(e, []).append(p)
-        groups = [tuple(g) for g in by_input.values() if len(g) > 1]
-        groups.sort()
+        by_input: dict[object, list[int]] = {}
+        for p, (call, e) in enumerate(zip(pcalls, own_edge, strict=True)):
+            key = e if e is not None else (
+                None if call.arg0 is None else (id(call.arg0), call.arg0_version))
+            if key is not None:
+                by_input.setdefault(key, []).append(p)
+        groups = sorted(tuple(g) for g in by_input.values() if len(g) > 1)
     hooks: dict[Node, set[int]] = {}
     for plan in plans:
         for term in plan.terms:
