@@ -234,7 +234,7 @@ def test_branch_reuse_and_control_flow_cuts() -> None:
         "stem": [],
         "b1": ["own b1:input"],
         "b2a": ["own b2a:input", "b1:output"],  # the shared input and the finished branch
-        "b2b": ["own b2b:input", "b1:output", "b2a:input"],  # h still waits for b3's pooling
+        "b2b": ["own b2b:input", "b2a:input", "b1:output"],  # h still waits for b3's pooling
         "b3": ["own b3:input", "b1:output", "b2b:output"],
         "head": ["own head:input"],
     }
@@ -303,7 +303,7 @@ def test_unobservable_cut_tensor_falls_back_with_a_warning_naming_the_layer() ->
         loss = F.cross_entropy(model(x), y)
     with pytest.warns(RuntimeWarning) as caught:
         plan = game.prepare(loss)
-    assert [str(w.message).split("used for them): ")[1] for w in caught] == [
+    assert [str(w.message).split("feedback: ")[2] for w in caught] == [
         f"{name}: output of TanhBackward0 (not seen by any module before the layer)"
         for name in ("fc1", "fc2")]  # h is read by fc1's input `2 * h` and after fc2
     fc2 = next(p for p in plan.players if p.call.name == "fc2")

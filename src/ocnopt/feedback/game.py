@@ -77,8 +77,8 @@ class GameFeedback:
             name = line.split(":", 1)[0]
             if name not in self._warned:
                 self._warned.add(name)
-                warnings.warn(f"game feedback: cut tensors not observable in the second pass "
-                              f"(Markovian terms used for them): {line}", RuntimeWarning,
+                warnings.warn(f"game feedback: cut tensors that the second pass cannot observe "
+                              f"are left out of the layer's feedback: {line}", RuntimeWarning,
                               stacklevel=2)
         return self.plan
 

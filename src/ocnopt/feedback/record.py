@@ -45,7 +45,8 @@ def _tensors(value: Any) -> list[Tensor | None]:
 
 class _InPlaceGuard(TorchFunctionMode):
     """Copies a recorded tensor just before an in-place operation overwrites it, if a watched
-    layer started after the tensor was seen (only then can a cut still need the old value)."""
+    layer started when or after the tensor was seen (only then can a cut still need the old
+    value: a tensor's readers all run before it is overwritten)."""
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
@@ -151,7 +152,7 @@ class Recorder:
     def _before_mutation(self, t: Tensor) -> None:
         for s in self._by_id.get(id(t), ()):
             if (s.saved is None and s.tensor is t and s.version == t._version
-                    and self._last_watched_start > s.event):
+                    and self._last_watched_start >= s.event):
                 s.saved = t.detach().clone()
 
 

@@ -132,9 +132,10 @@ class PlayerPlan:
     """A player (a call of a single-call Linear/Conv2d layer) and its feedback terms.
 
     ``terms``: the observable cut terms used under the plan's information structure (own input
-    first); ``dropped``: descriptions of the cut edges left out because the second pass cannot
-    observe them (not seen by a module before the layer started, or modified in place and not
-    saved); those fall back to the remaining (at worst Markovian) terms.
+    first, then in production order); ``dropped``: descriptions of the cut edges left out
+    because the second pass cannot observe them (not seen by a module before the layer started,
+    or modified in place and not saved); the layer keeps its remaining (at worst Markovian)
+    terms.
     """
 
     call: ModuleCall
@@ -250,7 +251,7 @@ def analyse(
                 terms[p].append(CutTerm(edge, seen, slots, own))
     plans = []
     for p, call in enumerate(pcalls):
-        terms[p].sort(key=lambda term: not term.own)
+        terms[p].sort(key=lambda term: (not term.own, term.edge[0]._sequence_nr()))
         plans.append(PlayerPlan(call, terms[p], dropped[p]))
     groups: list[tuple[int, ...]] = []
     if information == "cooperative":

@@ -224,6 +224,7 @@ class AugmentedGame:
         out = program.output
         self.components.append([Component("value", out, tuple(self.nominal[out].shape[1:]))])
         self.own_input = own
+        self._jac: dict[tuple[int, int], tuple[Tensor, tuple[Tensor, ...]]] = {}
         self.z_nominal = [self.state(t, self.nominal, self.u_nominal) for t in range(self.T + 1)]
 
     # ------------------------------------------------------------------ state
@@ -270,11 +271,15 @@ class AugmentedGame:
         return torch.cat(parts)
 
     def _jacobians(self, t: int, i: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Explicit Jacobians of ``F_t`` for sample ``i``: ``F_z`` and ``F_theta`` per decider."""
-        z = self.z_nominal[t][i]
-        thetas = tuple(self.u_nominal[m] for m in self.decided[t])
-        jac = jacobian(lambda zz, *th: self.stage_map(t, zz, *th), (z, *thetas))
-        return jac[0], tuple(jac[1:])
+        """Explicit Jacobians of ``F_t`` for sample ``i``: ``F_z`` and ``F_theta`` per decider
+        (at the nominal point; computed once)."""
+        if (t, i) not in self._jac:
+            z = self.z_nominal[t][i]
+            thetas = tuple(self.u_nominal[m] for m in self.decided[t])
+            with torch.enable_grad():
+                jac = jacobian(lambda zz, *th: self.stage_map(t, zz, *th), (z, *thetas))
+            self._jac[(t, i)] = (jac[0], tuple(jac[1:]))
+        return self._jac[(t, i)]
 
     def loss_to_go(self, t: int, z: Tensor, y: Tensor, loss: LossSpec) -> Tensor:
         """Sample loss as a function of the stage-``t`` state (nominal controls decided later)."""
@@ -290,9 +295,8 @@ class AugmentedGame:
         B = self.X.shape[0]
         out = self.z_nominal[self.T]
         V = [torch.stack([loss_derivatives(loss, out[i], Y[i])[0] for i in range(B)])]
-        with torch.enable_grad():
-            for t in reversed(range(self.T)):
-                V.insert(0, torch.stack([self._jacobians(t, i)[0].T @ V[0][i] for i in range(B)]))
+        for t in reversed(range(self.T)):
+            V.insert(0, torch.stack([self._jacobians(t, i)[0].T @ V[0][i] for i in range(B)]))
         return V
 
     def policies(
@@ -334,9 +338,8 @@ class AugmentedGame:
             g = torch.zeros(sum(sizes), dtype=torch.float64)
             cross = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
             Qtz = torch.zeros(B, sum(sizes), n_z, dtype=torch.float64)
-            with torch.enable_grad():
-                jacs = [self._jacobians(t, i) for i in range(B)]
-            for i, (Fz, Fth) in enumerate(jacs):
+            for i in range(B):
+                Fz, Fth = self._jacobians(t, i)
                 v = V[t + 1][i]
                 Vzz = beta * torch.outer(v, v)
                 Fu = torch.cat(Fth, dim=1)  # (n', sum m)
