@@ -6,7 +6,7 @@ Timing only (random inputs of Fashion-MNIST's shape; no accuracy is measured)::
 
 The network is a CIFAR-style ResNet-20 (three stages of three torchvision-style BasicBlocks,
 16/32/64 channels, BatchNorm, 1x1-conv+BN downsampling skips) on 1x28x28 inputs.  Measured
-(medians over ``--reps`` interleaved repetitions):
+(medians of the process CPU time over ``--reps`` interleaved repetitions):
 
 * the reference step: ``OCNOpt(curvature="identity")`` with today's (Markovian) feedback;
 * each piece the game feedback adds to such a step: recording the first forward (module hooks
@@ -72,15 +72,19 @@ def resnet20() -> nn.Module:
 
 
 def median_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median wall time (ms) of each function, repetitions interleaved (after one warm-up)."""
+    """Median CPU time (ms) of each function, repetitions interleaved (after one warm-up).
+
+    CPU time of this process rather than wall time: on a shared machine it does not count the
+    time other processes hold the cores (with one thread it equals wall time on a quiet one).
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(reps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            times[k].append(1e3 * (time.perf_counter() - t0))
+            times[k].append(1e3 * (time.process_time() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

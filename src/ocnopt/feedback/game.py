@@ -86,28 +86,38 @@ class GameFeedback:
     def collect(self) -> Iterator[None]:
         """Capture the partial gradients during the backward run inside the block."""
         plan = self._need_plan()
-        got: dict[tuple[int, int], Tensor] = {}
+        got: dict[tuple[str, int, int], Tensor] = {}
         handles = []
 
-        def hook_for(node: torch.autograd.graph.Node, slots: set[int]):
+        def node_hook(node: torch.autograd.graph.Node, slots: set[int]):
             def hook(grad_inputs, grad_outputs):
                 for s in slots:
                     if grad_inputs[s] is not None:
-                        got[(id(node), s)] = grad_inputs[s].detach()
+                        got[("in", id(node), s)] = grad_inputs[s].detach()
+            return hook
+
+        def prehook(node: torch.autograd.graph.Node, nrs: set[int]):
+            def hook(grad_outputs):
+                for nr in nrs:
+                    if grad_outputs[nr] is not None:
+                        got[("out", id(node), nr)] = grad_outputs[nr].detach()
             return hook
 
         try:
-            for node, slots in plan.hooks.items():
-                handles.append(node.register_hook(hook_for(node, slots)))
+            for node, slots in plan.node_hooks.items():
+                handles.append(node.register_hook(node_hook(node, slots)))
+            for node, nrs in plan.prehooks.items():
+                handles.append(node.register_prehook(prehook(node, nrs)))
             yield
         finally:
             for h in handles:
                 h.remove()
-        sums: dict[tuple[tuple[int, int], ...], Tensor | None] = {}
+        sums: dict[tuple, Tensor | None] = {}
         self._partial.clear()
         for p in plan.players:
             for term in p.terms:
-                key = tuple((id(n), s) for n, s in term.consumers)
+                key = ((("out", id(term.edge[0]), term.edge[1]),) if term.total else
+                       tuple(("in", id(n), s) for n, s in term.consumers))
                 if key not in sums:
                     parts = [got[k] for k in key if k in got]
                     sums[key] = sum(parts[1:], parts[0]) if parts else None
@@ -174,7 +184,8 @@ class GameFeedback:
                     f"layer {p.call.name!r}: a cut tensor has shape {tuple(new.shape)} in the "
                     f"second pass and {tuple(nominal.shape)} in the first; the closure must "
                     "re-evaluate the same batch")
-            s += (grad * (new - nominal)).reshape(batch, -1).sum(1) * batch
+            diff = (new - nominal).reshape(batch, 1, -1)
+            s += torch.bmm(diff, grad.reshape(batch, -1, 1)).view(batch) * batch
         start = p.call.start_seq
         for other, effect in self._pending.items():
             if self._player[other].call.start_seq > start:

@@ -35,6 +35,12 @@ def _sequence_counter() -> int:
     return torch._C._autograd._get_sequence_nr()
 
 
+def _plain_torch() -> torch._C.DisableTorchFunction:
+    """Inside the recorder's own hooks: tensor attribute reads skip the in-place guard (a torch
+    function mode makes each of them a Python call)."""
+    return torch._C.DisableTorchFunction()
+
+
 def _tensors(value: Any) -> list[Tensor | None]:
     if isinstance(value, Tensor):
         return [value]
@@ -125,6 +131,10 @@ class Recorder:
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not torch.is_grad_enabled():
             return
+        with _plain_torch():
+            self._record_start(module, args)
+
+    def _record_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._event += 1
         idx = len(self.calls)
         call = ModuleCall(module, self.names.get(module, ""), self._counts.get(module, 0),
@@ -147,7 +157,8 @@ class Recorder:
         idx = stack.pop()
         call = self.calls[idx]
         call.end_event = self._event
-        call.outputs = self._see(idx, "output", _tensors(output))
+        with _plain_torch():
+            call.outputs = self._see(idx, "output", _tensors(output))
 
     def _before_mutation(self, t: Tensor) -> None:
         for s in self._by_id.get(id(t), ()):

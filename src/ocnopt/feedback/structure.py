@@ -14,7 +14,8 @@ Terms (see ``docs/game-theory.md``):
   numbered ``>= s`` send back along it: the derivative of the loss along the paths from the edge
   that do not pass through another cut edge.  ``Node.register_hook`` sees those per-slot
   gradients (``grad_inputs``) during the ordinary backward pass, so one backward gives all
-  partials;
+  partials; when every consumer counts, the partial is the whole gradient of the edge, which a
+  ``Node.register_prehook`` on its producer sees already summed;
 * a cut edge is *observable* when a module saw it as an input or output before the player
   started: the second (no-grad) forward pass can then observe its new value at the same place.
 
@@ -118,12 +119,14 @@ class CutTerm:
 
     ``seen``: where the first pass saw it and the second pass observes it again;
     ``consumers``: the ``(node, slot)`` pairs whose back-propagated gradients sum to the partial
-    gradient; ``own``: the player's own input.
+    gradient; ``total``: they are all the edge's consumers (the partial is the edge's gradient);
+    ``own``: the player's own input.
     """
 
     edge: Edge
     seen: Seen
     consumers: tuple[tuple[Node, int], ...]
+    total: bool
     own: bool
 
 
@@ -151,13 +154,16 @@ class GamePlan:
         players: players in execution order.
         groups: cooperative groups (indices into ``players``, execution order; each of size
             >= 2, sharing the same input edge); empty unless ``information="cooperative"``.
-        hooks: consumer node -> input slots whose gradients must be captured in the backward.
+        node_hooks: consumer node -> input slots whose gradients the backward must capture
+            (partials over some of an edge's consumers).
+        prehooks: producer node -> output numbers whose whole gradient it must capture.
     """
 
     information: str
     players: list[PlayerPlan]
     groups: list[tuple[int, ...]]
-    hooks: dict[Node, set[int]]
+    node_hooks: dict[Node, set[int]]
+    prehooks: dict[Node, set[int]]
 
     def warnings(self) -> list[str]:
         """One line per player with dropped cut terms (for a warning naming the layers)."""
@@ -243,12 +249,13 @@ def analyse(
             call = pcalls[p]
             first = bisect.bisect_left([x[0] for x in cons], call.start_seq)
             slots = tuple((node, slot) for _, node, slot in cons[first:])
+            total = first == 0
             earlier = [s for s in where.get(edge, ()) if s.event <= call.start_event]
             seen = next((s for s in reversed(earlier) if s.value() is not None), None)
             if seen is None:
                 dropped[p].append(_describe(calls, earlier[-1] if earlier else None, edge))
             else:
-                terms[p].append(CutTerm(edge, seen, slots, own))
+                terms[p].append(CutTerm(edge, seen, slots, total, own))
     plans = []
     for p, call in enumerate(pcalls):
         terms[p].sort(key=lambda term: (not term.own, term.edge[0]._sequence_nr()))
@@ -262,9 +269,13 @@ def analyse(
             if key is not None:
                 by_input.setdefault(key, []).append(p)
         groups = sorted(tuple(g) for g in by_input.values() if len(g) > 1)
-    hooks: dict[Node, set[int]] = {}
+    node_hooks: dict[Node, set[int]] = {}
+    prehooks: dict[Node, set[int]] = {}
     for plan in plans:
         for term in plan.terms:
-            for node, slot in term.consumers:
-                hooks.setdefault(node, set()).add(slot)
-    return GamePlan(information, plans, groups, hooks)
+            if term.total:
+                prehooks.setdefault(term.edge[0], set()).add(term.edge[1])
+            else:
+                for node, slot in term.consumers:
+                    node_hooks.setdefault(node, set()).add(slot)
+    return GamePlan(information, plans, groups, node_hooks, prehooks)
