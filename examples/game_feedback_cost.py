@@ -15,8 +15,9 @@ The network is a CIFAR-style ResNet-20 (three stages of three torchvision-style 
 * the cooperative stage solves (per-sample Gram matrices and the joint system) of the two
   downsampling blocks.
 
-The last column relates each piece to the reference step; their sum estimates the overhead of a
-``nash`` step over today's step (the ``nash`` target is at most 1.1x).
+The last column relates each piece to the reference step.  The reference step already computes
+the own-input sums, so a ``nash`` step adds the recording, the analysis, the hooks and the
+skip-term part of the second pass (the ``nash`` target is at most 1.1x).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ocnopt import OCNOpt
-from ocnopt.feedback import GameFeedback, joint_weights, output_inner, per_sample_gram
+from ocnopt.feedback import (
+    GameFeedback,
+    analyse,
+    joint_weights,
+    output_inner,
+    per_sample_gram,
+)
 from ocnopt.hooks import FeedbackPass, ForwardCapture
 from ocnopt.layers import helper_for
 
@@ -71,8 +78,8 @@ def resnet20() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def median_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median CPU time (ms) of each function, repetitions interleaved (after one warm-up).
+def cpu_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """CPU time (ms) of each function per repetition, repetitions interleaved (one warm-up).
 
     CPU time of this process rather than wall time: on a shared machine it does not count the
     time other processes hold the cores (with one thread it equals wall time on a quiet one).
@@ -85,7 +92,12 @@ def median_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, floa
             t0 = time.process_time()
             fn()
             times[k].append(1e3 * (time.process_time() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over repetitions of ``a - b`` (pairs cancel slow drifts of the machine)."""
+    return statistics.median(x - y for x, y in zip(times[a], times[b], strict=True))
 
 
 def main() -> None:
@@ -105,50 +117,46 @@ def main() -> None:
         warnings.simplefilter("ignore")  # BatchNorm parameters: open-loop fallback warning
         opt = OCNOpt(model, lr=0.0, curvature="identity")  # lr 0: the model stays fixed
 
-    games = {info: GameFeedback(model, layers, info) for info in ("markov", "nash",
-                                                                  "cooperative")}
+    def game(info: str) -> GameFeedback:
+        return GameFeedback(model, layers, info)
 
-    def first(info: str) -> Tensor:
-        with games[info].record(), torch.enable_grad():
-            return closure()
+    timed = {info: game(info) for info in ("markov", "nash")}  # first pass and backward
+    ready = {info: game(info) for info in ("markov", "nash", "cooperative")}  # second pass
 
-    def prepared(info: str) -> Tensor:
-        loss = first(info)
-        games[info].prepare(loss)
-        return loss
-
-    def backward_plain() -> None:
-        torch.autograd.grad(closure(), params)
-
-    def backward_collect(info: str) -> None:
-        loss = prepared(info)
-        with games[info].collect():
+    def first_pass(g: GameFeedback | None, collect: bool) -> None:
+        if g is None:
+            torch.autograd.grad(closure(), params)
+            return
+        with g.record(), torch.enable_grad():
+            loss = closure()
+        g.prepare(loss)
+        if collect:
+            with g.collect():
+                torch.autograd.grad(loss, params)
+        else:
             torch.autograd.grad(loss, params)
 
-    def second(info: str | None) -> None:
-        game = games[info] if info else None
-        players = [p.call.module for p in game.plan.players] if game else []
+    def second_pass(g: GameFeedback | None) -> None:
+        if g is None:
+            with torch.no_grad():
+                closure()
+            return
 
         def on_input(module: nn.Module, x_hat: Tensor) -> bool:
-            game.feedback(module, x_hat)
+            g.feedback(module, x_hat)
             return False
 
-        with torch.no_grad():
-            if game is None:
-                closure()
-            else:
-                with game.observe(), FeedbackPass([], players, on_input):
-                    closure()
+        with torch.no_grad(), g.observe(), FeedbackPass([], [p.call.module for p in
+                                                              g.plan.players], on_input):
+            closure()
 
-    for info in games:  # partials for the second-pass measurements
-        backward_collect(info)
-    nash = games["nash"]
+    for g in ready.values():
+        first_pass(g, collect=True)
+    nash, coop = ready["nash"], ready["cooperative"]
     with ForwardCapture(layers) as cap, torch.enable_grad():
         loss = closure()
     torch.autograd.grad(loss, params)
-    coop = games["cooperative"]
     groups = [[coop.plan.players[i].call.module for i in g] for g in coop.plan.groups]
-
     outputs = {p.call.module: p.call.outputs[0].value() for p in coop.plan.players}
 
     def cooperative_solves() -> None:
@@ -160,49 +168,48 @@ def main() -> None:
                                                                           strict=True)]
             joint_weights(grams, inner, torch.ones(args.batch), 0.1, 1.0)
 
-    t = median_ms({
+    probe = game("nash")
+    with probe.record(), torch.enable_grad():
+        recorded = closure()
+    t = cpu_ms({
         "step": lambda: opt.step(closure),
-        "fwd": lambda: closure(),
-        "fwd_rec": lambda: first("nash"),
-        "fwd_rec_plan": lambda: prepared("nash"),
-        "bwd": backward_plain,
-        "bwd_collect": lambda: backward_collect("nash"),
-        "fwd_rec_plan_markov": lambda: prepared("markov"),
-        "bwd_collect_markov": lambda: backward_collect("markov"),
-        "p2": lambda: second(None),
-        "p2_markov": lambda: second("markov"),
-        "p2_nash": lambda: second("nash"),
+        "plain": lambda: first_pass(None, False),
+        "rec_plan_nash": lambda: first_pass(timed["nash"], False),
+        "rec_plan_collect_nash": lambda: first_pass(timed["nash"], True),
+        "rec_plan_collect_markov": lambda: first_pass(timed["markov"], True),
+        "analyse": lambda: analyse(recorded, probe.recorder.calls, set(layers), "nash"),
+        "p2": lambda: second_pass(None),
+        "p2_markov": lambda: second_pass(ready["markov"]),
+        "p2_nash": lambda: second_pass(ready["nash"]),
         "coop": cooperative_solves,
     }, args.reps)
-    step = t["step"]
-    backward = t["bwd"] - t["fwd"]  # the backward alone
-
-    def hooks(info: str) -> float:  # node-hook overhead in the backward
-        suffix = "" if info == "nash" else "_markov"
-        return t[f"bwd_collect{suffix}"] - t[f"fwd_rec_plan{suffix}"] - backward
-
+    step = statistics.median(t["step"])
     rows = [
         ("reference: OCNOpt identity step (Markovian feedback)", step),
-        ("record the first forward (hooks, in-place guard)", t["fwd_rec"] - t["fwd"]),
-        ("graph analysis (analyse)", t["fwd_rec_plan"] - t["fwd_rec"]),
-        ("node hooks in the backward (nash)", hooks("nash")),
-        ("second pass: observe + feedback sums, markov", t["p2_markov"] - t["p2"]),
-        ("second pass: observe + feedback sums, nash", t["p2_nash"] - t["p2"]),
-        (f"cooperative solves ({len(groups)} groups)", t["coop"]),
+        ("first pass: recording (hooks, in-place guard) + analysis",
+         paired(t, "rec_plan_nash", "plain")),
+        ("  of which the graph analysis", statistics.median(t["analyse"])),
+        ("partial-gradient hooks in the backward",
+         paired(t, "rec_plan_collect_nash", "rec_plan_nash")),
+        ("second pass: observation + skip-term sums", paired(t, "p2_nash", "p2_markov")),
+        ("(own-input sums, part of the reference step too)", paired(t, "p2_markov", "p2")),
+        (f"cooperative solves ({len(groups)} groups)", statistics.median(t["coop"])),
     ]
-    extra_nash = t["fwd_rec_plan"] - t["fwd"] + hooks("nash") + rows[5][1]
-    extra_markov = t["fwd_rec_plan_markov"] - t["fwd"] + hooks("markov") + rows[4][1]
+    extra_nash = paired(t, "rec_plan_collect_nash", "plain") + rows[4][1]
+    extra_markov = paired(t, "rec_plan_collect_markov", "plain")
     n_terms = sum(len(p.terms) for p in nash.plan.players)
     print(f"ResNet-20, batch {args.batch}, {args.threads} thread(s), torch "
           f"{torch.__version__}; {len(nash.plan.players)} layers, {n_terms} nash cut terms; "
-          f"medians of {args.reps}")
+          f"medians of {args.reps} (differences: medians of paired differences), CPU time")
     print("| piece | ms | / reference step |\n|---|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} | {ms / step:.3f} |")
-    print(f"| **nash total added** | {extra_nash:.2f} | {extra_nash / step:.3f} |")
-    print(f"| markov (own partials) total added | {extra_markov:.2f} | {extra_markov / step:.3f} |")
-    print(f"estimated nash step / today's step: {(step + extra_nash) / step:.3f}; "
-          f"nash / markov (both on the game machinery): "
+    print(f"| **nash: added to the reference step** | {extra_nash:.2f} | "
+          f"{extra_nash / step:.3f} |")
+    print(f"| markov on the game machinery: added | {extra_markov:.2f} | "
+          f"{extra_markov / step:.3f} |")
+    print(f"estimated nash step / reference step: {(step + extra_nash) / step:.3f}; "
+          f"nash / markov, both on the game machinery: "
           f"{(step + extra_nash) / (step + extra_markov):.3f}")
 
 

@@ -346,3 +346,37 @@ def test_analyse_on_hand_made_records_detects_a_lost_value() -> None:
     assert "modified in place" in plan.warnings()[0]
     with pytest.raises(ValueError, match="markov, nash, cooperative"):
         analyse(loss, calls, {lin1, lin2}, "open-loop")
+
+
+class GradOnlyModule(nn.Module):
+    """The skip ``h`` is seen as ``act``'s output, but ``act`` runs only when grad is enabled:
+    the second (no-grad) pass cannot observe it again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.fc0, self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5)
+        self.act, self.head = nn.Tanh(), nn.Linear(5, 3)
+        self.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.fc0(x)
+        h = self.act(a) if torch.is_grad_enabled() else torch.tanh(a)
+        return self.head(self.fc2(torch.tanh(self.fc1(2 * h))) + h)
+
+
+def test_a_cut_tensor_missing_in_the_second_pass_is_skipped_with_a_warning() -> None:
+    model = GradOnlyModule()
+    x, y = data((4,))
+    game, plan, _ = first_pass(model, x, y)
+    fc2 = next(p for p in plan.players if p.call.name == "fc2")
+    assert [t.own for t in fc2.terms] == [True, False]  # its input and h (act's output)
+    values = []
+    with torch.no_grad(), game.observe(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = model.fc2.register_forward_pre_hook(
+            lambda m, args: values.append(game.feedback(m, args[0])))
+        model(x)
+        handle.remove()
+    assert len(caught) == 1 and "'fc2' could not observe" in str(caught[0].message)
+    torch.testing.assert_close(values[0], torch.zeros(5, dtype=D))  # parameters unchanged

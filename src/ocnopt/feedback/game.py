@@ -72,6 +72,7 @@ class GameFeedback:
             raise RuntimeError("prepare() needs the first pass run inside record()")
         self.plan = analyse(loss, self.recorder.calls, self.layers, self.information)
         self._player = {p.call.module: p for p in self.plan.players}
+        self._partial.clear()
         self._pending.clear()
         for line in self.plan.warnings():
             name = line.split(":", 1)[0]
@@ -142,9 +143,6 @@ class GameFeedback:
         finally:
             self._observer = None
 
-    def is_player(self, module: nn.Module) -> bool:
-        return module in self._player
-
     def group(self, module: nn.Module) -> tuple[nn.Module, ...]:
         """Who decides when ``module`` is about to run: ``(module,)`` for a lone player, all
         members (execution order) for a cooperative group's first member, ``()`` for a later
@@ -204,11 +202,12 @@ class GameFeedback:
 
     def _warn_missing(self, p: PlayerPlan, term: CutTerm) -> None:
         key = f"missing:{p.call.name}"
-        if key not in self._warned:
+        if key not in self._warned and self.recorder is not None:
             self._warned.add(key)
+            where = self.recorder.calls[term.seen.call].name
             warnings.warn(f"game feedback: layer {p.call.name!r} could not observe a cut tensor "
-                          f"({term.seen.role} {term.seen.position} of call "
-                          f"{term.seen.call}) in the second pass; term skipped",
+                          f"({term.seen.role} {term.seen.position} of {where!r}) in the second "
+                          "pass (different control flow, or modified in place); term skipped",
                           RuntimeWarning, stacklevel=3)
 
     def _need_plan(self) -> GamePlan:
