@@ -36,6 +36,16 @@ class LayerHelper(ABC):
         return self.module.bias if self.has_bias else None  # type: ignore[return-value]
 
     @abstractmethod
+    def input_rows(self, x: Tensor) -> Tensor:
+        """Rows ``a`` of the input factor, ``(N, d_in [+1])`` sample-major (ones column for an
+        optimised bias): the per-sample structure, for per-sample products."""
+
+    @abstractmethod
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-gradient rows ``(N, d_out)``, sample-major, in the same order as the input
+        rows."""
+
+    @abstractmethod
     def input_moments(self, x: Tensor, row_weights: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, Tensor | int]:
         """``(X^T W X, X^T w, sum w)`` of the input rows ``X`` ``(N, d_in)`` of one call, with

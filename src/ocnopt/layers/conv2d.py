@@ -44,6 +44,18 @@ class Conv2dHelper(LayerHelper):
         super().__init__(module, train_bias, batch_dim)
         self._padding = _explicit_padding(module)
 
+    def input_rows(self, x: Tensor) -> Tensor:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        cols = F.unfold(self._cast(x), m.kernel_size, dilation=m.dilation, padding=self._padding,
+                        stride=m.stride)
+        a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B*L, C*kh*kw)
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        return self._cast(g).permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+
     def input_moments(self, x: Tensor, row_weights: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, Tensor | int]:
         m: nn.Conv2d = self.module  # type: ignore[assignment]

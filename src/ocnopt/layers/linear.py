@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ocnopt.layers.base import LayerHelper
@@ -10,6 +11,15 @@ __all__ = ["LinearHelper"]
 
 
 class LinearHelper(LayerHelper):
+    def input_rows(self, x: Tensor) -> Tensor:
+        a = self._cast(x).reshape(-1, x.shape[-1])
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        return self._cast(g).reshape(-1, g.shape[-1])
+
     def input_moments(self, x: Tensor, row_weights: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, Tensor | int]:
         a = self._cast(x).reshape(-1, x.shape[-1])

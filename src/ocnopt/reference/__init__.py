@@ -1,7 +1,8 @@
 """Exact float64 reference implementation of DDP on tiny sequential networks.
 
 Brute force (explicit Jacobians / Hessians), slow, readable.  It is the test oracle of the
-fast optimizers and the "vanilla DDP" baseline of the tiny-net benchmark.
+fast optimizers and the "vanilla DDP" baseline of the tiny-net benchmark.  ``game`` extends it to
+non-Markovian networks (augmented-state DDP; ``game_nets`` holds tiny residual / branching nets).
 
 ``reference.ode`` holds the Neural-ODE oracles (fixed-grid adjoint factor sampling, dense EKFAC).
 
@@ -23,6 +24,17 @@ from .ddp import (
     stage_jacobians,
     tensor_terms,
 )
+from .game import (
+    INFORMATION,
+    AugmentedGame,
+    Component,
+    Op,
+    Program,
+    StagePolicy,
+    game_step,
+    sequential_program,
+)
+from .game_nets import ResidualMLP, TinyResCNN, TwoBranchNet
 from .model import (
     LossSpec,
     Stage,
@@ -49,7 +61,18 @@ __all__ = [
     "dense_ekfac_direction",
     "fixed_grid",
     "solve_fixed",
+    "INFORMATION",
+    "AugmentedGame",
+    "Component",
     "LossSpec",
+    "Op",
+    "Program",
+    "ResidualMLP",
+    "StagePolicy",
+    "TinyResCNN",
+    "TwoBranchNet",
+    "game_step",
+    "sequential_program",
     "Policy",
     "QTerms",
     "Stage",
