@@ -286,3 +286,62 @@ def test_bitwise_resume_between_factor_updates(curvature):
         opt2.step(lambda x=x, y=y: F.cross_entropy(resumed(x), y))
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_adam_grafting_gives_the_kronecker_direction_adams_magnitude():
+    """graft='adam': step = -lr * m_hat, m the EMA (beta1) of the preconditioned direction
+    rescaled to the norm of Adam's normalised direction d / (sqrt(v_hat) + eps) (float64)."""
+    torch.manual_seed(8)
+    model = tiny_mlp(D)
+    last = model[4]
+    lr, (b1, b2), eps, damping = 1e-2, (0.8, 0.95), 1e-8, 0.1
+    opt = OCNOpt(model, lr=lr, curvature="kfac", feedback=False, graft="adam", betas=(b1, b2),
+                 eps=eps, damping=damping, factor_update_freq=1, max_rank=None)
+    m = v = None
+    for k, (x, y) in enumerate(batches(model, n=3, dtype=D), start=1):
+        u0 = torch.cat([last.weight.detach(), last.bias.detach()[:, None]], 1).clone()
+        opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
+        st = opt.state[last.weight]
+        d = torch.cat([last.weight.grad, last.bias.grad[:, None]], 1)
+        mk = st["locations"] * torch.kron(st["A"], st["G"]) + damping * torch.eye(d.numel(),
+                                                                                    dtype=D)
+        pm = torch.linalg.solve(mk, d.T.reshape(-1)).reshape(d.shape[1], -1).T
+        v = (1 - b2) * d**2 if v is None else b2 * v + (1 - b2) * d**2
+        normed = d / ((v / (1 - b2**k)).sqrt() + eps)  # weight and bias share one norm here
+        g = pm * normed.norm() / pm.norm()
+        m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
+        new = torch.cat([last.weight.detach(), last.bias.detach()[:, None]], 1)
+        torch.testing.assert_close(new, u0 - lr * m / (1 - b1**k), rtol=1e-9, atol=1e-12)
+    assert set(opt.param_groups[0]) >= {"betas", "eps"}
+    assert "momentum" not in opt.param_groups[0]
+    with pytest.raises(ValueError, match="graft"):
+        OCNOpt(tiny_mlp(), curvature="adam", graft="adam")
+    with pytest.raises(ValueError, match="'momentum' is not a setting"):
+        OCNOpt(tiny_mlp(), curvature="ekfac", graft="adam", momentum=0.9)
+
+
+def test_adam_grafting_with_feedback_scale_zero_and_resume():
+    data = batches(tiny_mlp(), n=6)
+    kw = dict(lr=3e-3, curvature="ekfac", graft="adam", factor_update_freq=2, update_freq=3,
+              max_rank=3)
+    runs = []
+    for fb in ({"feedback": False}, {"feedback": True, "feedback_scale": 0.0}):
+        model = tiny_mlp()
+        opt = OCNOpt(model, **kw, **fb)
+        for x, y in data:
+            opt.step(lambda m=model, x=x, y=y: F.cross_entropy(m(x), y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    model = tiny_mlp()
+    opt = OCNOpt(model, **kw)
+    for x, y in data[:3]:
+        opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
+    twin = tiny_mlp()
+    twin.load_state_dict(model.state_dict())
+    opt2 = OCNOpt(twin, **kw)
+    opt2.load_state_dict(opt.state_dict())
+    for x, y in data[3:]:
+        opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
+        opt2.step(lambda x=x, y=y: F.cross_entropy(twin(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(),
+                                                 strict=True))

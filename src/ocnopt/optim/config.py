@@ -25,6 +25,10 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 _SGD = dict(momentum=0.0, dampening=0.0, nesterov=False)
 _KRON = dict(_SGD, damping=0.05, factor_decay=0.95, max_rank=64, fallback_lr=None,
              fallback_betas=(0.9, 0.999), fallback_eps=1e-8)
+#: Kronecker curvatures grafted onto Adam: Adam's moments replace the SGD momentum (and serve
+#: the fallback Adam too), so schedulers cycle ``betas`` as on torch.optim.Adam.
+_KRON_GRAFT = dict(damping=0.05, factor_decay=0.95, max_rank=64, fallback_lr=None,
+                   betas=(0.9, 0.999), eps=1e-8)
 CURVATURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "identity": dict(_SGD),
     "rmsprop": dict(alpha=0.99, eps=1e-8, momentum=0.0, centered=False),
@@ -32,8 +36,19 @@ CURVATURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "kfac": dict(_KRON),
     "ekfac": dict(_KRON, eigenvalue_decay=0.75),
 }
+GRAFTS = (None, "adam")
 #: Every keyword any curvature takes (for the "not a setting of this curvature" error).
 ALL_KEYS = frozenset(COMMON_DEFAULTS).union(*CURVATURE_DEFAULTS.values())
+
+
+def curvature_defaults(curvature: str, graft: str | None) -> dict[str, Any]:
+    """The per-group settings (and defaults) of ``curvature`` with optional Adam grafting."""
+    if graft is None:
+        return dict(CURVATURE_DEFAULTS[curvature])
+    out = dict(_KRON_GRAFT)
+    if curvature == "ekfac":
+        out["eigenvalue_decay"] = CURVATURE_DEFAULTS["ekfac"]["eigenvalue_decay"]
+    return out
 
 
 def check(name: str, value: Any, ok: bool, allowed: str) -> None:

@@ -22,13 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["sgd_update", "rmsprop_update", "adam_update", "momentum_update", "STATE_KEYS"]
+__all__ = ["sgd_update", "rmsprop_update", "adam_update", "momentum_update", "rms_normalize",
+           "ema_update", "STATE_KEYS"]
 
 #: The per-parameter state keys each kernel may write (used to validate loaded state).
 STATE_KEYS: dict[str, frozenset[str]] = {
     "sgd": frozenset({"momentum_buffer"}),
     "rmsprop": frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"}),
     "adam": frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    "graft": frozenset({"step", "exp_avg", "exp_avg_sq"}),
 }
 
 States = Sequence[Mapping[str, Any]]
@@ -169,3 +171,32 @@ def adam_update(
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
     return new
+
+
+def rms_normalize(
+    ds: Sequence[Tensor], states: States, *, beta2: float, eps: float
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Adam's normalised direction ``d / (sqrt(v_hat) + eps)`` with ``v`` the EMA (``beta2``,
+    bias-corrected) of ``d^2``; returns the directions and the new ``step``/``exp_avg_sq``."""
+    ds = list(ds)
+    steps = _steps(states)
+    sqs = torch._foreach_mul(_get(states, "exp_avg_sq", ds), beta2)
+    torch._foreach_addcmul_(sqs, ds, ds, value=1 - beta2)
+    denom = torch._foreach_sqrt(sqs)
+    torch._foreach_div_(denom, [(1 - beta2 ** s.item()) ** 0.5 for s in steps])
+    torch._foreach_add_(denom, eps)
+    return (torch._foreach_div(ds, denom),
+            [{"step": s, "exp_avg_sq": v} for s, v in zip(steps, sqs, strict=True)])
+
+
+def ema_update(
+    params: Sequence[Tensor], ds: Sequence[Tensor], states: States, steps: Sequence[Tensor], *,
+    lr: float, beta1: float,
+) -> list[dict[str, Tensor]]:
+    """``param -= lr * m_hat`` with ``m`` Adam's first moment (EMA ``beta1`` of ``d``,
+    bias-corrected at the given ``steps``); returns the new ``exp_avg``."""
+    params, ds = list(params), list(ds)
+    exp_avgs = torch._foreach_lerp(_get(states, "exp_avg", params), ds, 1 - beta1)
+    torch._foreach_add_(params, torch._foreach_mul(
+        exp_avgs, [-(lr / (1 - beta1 ** s.item())) for s in steps]))
+    return [{"exp_avg": m} for m in exp_avgs]

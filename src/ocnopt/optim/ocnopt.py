@@ -43,16 +43,19 @@ from ocnopt.layers import LayerHelper, helper_for
 from ocnopt.optim.config import (
     ALL_KEYS,
     COMMON_DEFAULTS,
-    CURVATURE_DEFAULTS,
     CURVATURES,
+    GRAFTS,
     check,
     coerce_group,
+    curvature_defaults,
     validate_group,
 )
 from ocnopt.optim.functional import (
     STATE_KEYS,
     adam_update,
+    ema_update,
     momentum_update,
+    rms_normalize,
     rmsprop_update,
     sgd_update,
 )
@@ -155,6 +158,13 @@ class OCNOpt(Optimizer):
       ``fallback_lr``/``fallback_betas``/``fallback_eps``: the Adam used for parameters outside
       Kronecker-factored layers (``fallback_lr=None`` means ``lr``).
 
+    ``graft="adam"`` (kfac/ekfac): Adam grafting. Each layer's preconditioned direction is
+    rescaled to the norm of Adam's normalised direction ``d / (sqrt(v_hat) + eps)`` for the same
+    layer, and Adam's bias-corrected first moment (``betas[0]``) replaces the SGD momentum: the
+    step has the Kronecker direction and Adam's magnitude, so Adam's learning rates transfer.
+    The settings are then ``betas``, ``eps`` (also used by the fallback Adam) instead of
+    ``momentum``, ``dampening``, ``nesterov``, ``fallback_betas``, ``fallback_eps``.
+
     Schedules (optimizer-wide): ``factor_update_freq`` (steps between Kronecker factor
     updates), ``update_freq`` (steps between eigenbasis refreshes) and ``early_refresh``
     (also refresh, with fresh factors, at steps 1, 2, 4, ... below ``update_freq``).
@@ -185,6 +195,7 @@ class OCNOpt(Optimizer):
         factor_update_freq: int = 10,
         update_freq: int = 100,
         early_refresh: bool = True,
+        graft: str | None = None,
         batch_dim: int | Mapping[str, int] = 0,
         params: Iterable[Any] | None = None,
         **hyperparameters: Any,
@@ -196,15 +207,17 @@ class OCNOpt(Optimizer):
         for name, v in (("factor_update_freq", factor_update_freq), ("update_freq", update_freq)):
             check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "int >= 1")
         _check_batch_dim(batch_dim)
-        own = {**COMMON_DEFAULTS, **CURVATURE_DEFAULTS[curvature]}
+        if graft not in GRAFTS or (graft is not None and curvature not in KRONECKER):
+            raise ValueError(f"invalid graft={graft!r}: allowed are None, or 'adam' with a "
+                             "Kronecker curvature ('kfac', 'ekfac')")
+        own = {**COMMON_DEFAULTS, **curvature_defaults(curvature, graft)}
         for key in hyperparameters:
             if key not in ALL_KEYS:
                 raise TypeError(f"OCNOpt got an unexpected keyword argument {key!r}")
             if key not in own:
-                users = [c for c in CURVATURES if key in CURVATURE_DEFAULTS[c]]
-                raise ValueError(f"{key!r} is not a setting of curvature={curvature!r} (it "
-                                 f"belongs to {', '.join(users)}); "
-                                 f"{curvature!r} takes: {', '.join(sorted(own))}")
+                what = f"curvature={curvature!r}" + (f", graft={graft!r}" if graft else "")
+                raise ValueError(f"{key!r} is not a setting of {what}; it takes: "
+                                 f"{', '.join(sorted(own))}")
         defaults = {**own, **hyperparameters, "lr": lr, "feedback_scale": feedback_scale}
         self.model = model
         self.curvature = curvature
@@ -214,6 +227,7 @@ class OCNOpt(Optimizer):
         check("early_refresh", early_refresh, isinstance(early_refresh, bool), "True or False")
         self.early_refresh = early_refresh
         self.batch_dim = batch_dim
+        self.graft = graft
         self._rule = _BASE_RULE[curvature]
         self._kron = KRONECKER.get(curvature)
         if params is None:
@@ -711,7 +725,8 @@ class OCNOpt(Optimizer):
                     f"differs from {tuple(x.shape)}; the closure must re-evaluate the same batch")
             group = lay.wgroup
             batch = lay.helper.batch_size(x)
-            gain = momentum_gain_correction(self._rule, group.get("momentum", 0.0),
+            gain = momentum_gain_correction("adam" if self.graft else self._rule,
+                                            group.get("momentum", 0.0),
                                             group.get("dampening", 0.0))
             sign = -1.0 if group["maximize"] else 1.0
             s = feedback_terms([p], [x_hat - x], lay.helper.batch_dim)
@@ -760,9 +775,11 @@ class OCNOpt(Optimizer):
             txn.touch(p)
         if fallback:  # parameters outside Kronecker layers: Adam
             lr = group["fallback_lr"] if group["fallback_lr"] is not None else group["lr"]
-            new = adam_update(ps, ds, views, lr=lr, betas=group["fallback_betas"],
-                              eps=group["fallback_eps"], weight_decay=group["weight_decay"],
-                              amsgrad=False, decoupled_weight_decay=False)
+            new = adam_update(ps, ds, views, lr=lr,
+                              betas=group.get("fallback_betas", group.get("betas")),
+                              eps=group.get("fallback_eps", group.get("eps")),
+                              weight_decay=group["weight_decay"], amsgrad=False,
+                              decoupled_weight_decay=False)
         elif self._rule == "sgd":
             new = sgd_update(ps, ds, views, lr=group["lr"], momentum=group["momentum"],
                              dampening=group["dampening"], nesterov=group["nesterov"],
@@ -805,6 +822,9 @@ class OCNOpt(Optimizer):
         pm, entries = self._kron.precondition(view, helper.to_matrix(dw, db), wg)
         entries["kron_step"] = view.get("kron_step", 0) + 1
         txn.stage(w, entries)
+        if self.graft is not None:
+            self._graft_update(lay, [dw] if db is None else [dw, db], pm, txn)
+            return
         pw, pb = helper.from_matrix(pm)
         for p, d, g in ((w, pw, wg), (b, pb, bg)):
             if p is None or d is None or g is None:
@@ -813,6 +833,28 @@ class OCNOpt(Optimizer):
             txn.stage(p, momentum_update([p], [d], [txn.view(p, self.state)], lr=g["lr"],
                                          momentum=g["momentum"], dampening=g["dampening"],
                                          nesterov=g["nesterov"])[0])
+
+    def _graft_update(self, lay: _Layer, ds: list[Tensor], pm: Tensor,
+                      txn: StepTransaction) -> None:
+        """Adam grafting: ``pm`` rescaled to the norm of Adam's normalised direction of the
+        layer's directions ``ds`` (weight[, bias]), then Adam's first-moment update."""
+        params = lay.params[:len(ds)]
+        groups = [lay.wgroup, lay.bgroup if lay.bgroup is not None else lay.wgroup][:len(ds)]
+        views = [txn.view(p, self.state) for p in params]
+        normed, second = [], []
+        for d, g, v in zip(ds, groups, views, strict=True):
+            n, st = rms_normalize([d], [v], beta2=g["betas"][1], eps=g["eps"])
+            normed += n
+            second += st
+        target = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(n)
+                                                      for n in normed]))
+        pm = pm * (target / torch.linalg.vector_norm(pm).clamp_min(1e-30))
+        directions = lay.helper.from_matrix(pm)
+        for p, d, g, v, st in zip(params, directions, groups, views, second, strict=False):
+            txn.touch(p)
+            txn.stage(p, st)
+            txn.stage(p, ema_update([p], [d], [v], [st["step"]], lr=g["lr"],
+                                    beta1=g["betas"][0])[0])
 
     # ------------------------------------------------------------------ curvature
     def _update_curvature(self, records: Mapping[nn.Module, LayerRecord], txn: StepTransaction,
@@ -916,8 +958,8 @@ class OCNOpt(Optimizer):
         if self._kron is not None and lay is None:
             allowed = STATE_KEYS["adam"]
         elif self._kron is not None:
-            allowed = STATE_KEYS["sgd"] | (KRONECKER_STATE_KEYS if p is lay.helper.weight
-                                           else frozenset())
+            allowed = STATE_KEYS["sgd" if self.graft is None else "graft"] | (
+                KRONECKER_STATE_KEYS if p is lay.helper.weight else frozenset())
         else:
             allowed = STATE_KEYS[self._rule]
         extra = sorted(set(entries) - allowed)
