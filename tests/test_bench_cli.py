@@ -190,3 +190,15 @@ def test_speed_rows_in_report(tmp_path, monkeypatch, capsys):
     assert "## speed" in out and "ocnopt-ekfac+fb" in out and "| d " in out and "PASS" in out
     assert (tmp_path / "speed.csv").read_text().startswith("model,optimizer,ms_per_step")
     assert Path(tmp_path / "report.md").read_text().count("## Speed") == 1
+
+
+def test_version_flag_prints_the_package_and_torch_versions(capsys):
+    import torch
+
+    import ocnopt
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"ocnopt {ocnopt.__version__}" in out and torch.__version__ in out

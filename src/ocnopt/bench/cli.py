@@ -16,6 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+import ocnopt
 from ocnopt.bench.data import DATASETS, DatasetError, DatasetUnavailableError, available_datasets
 from ocnopt.bench.models import MODELS
 from ocnopt.bench.optimizers import OPTIMIZERS
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``ocnopt`` console script."""
     p = argparse.ArgumentParser(
         prog="ocnopt", description="OCNOpt benchmark suite: train, compare, report.")
+    p.add_argument("--version", action="version",
+                   version=f"ocnopt {ocnopt.__version__} (torch {torch.__version__})")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
