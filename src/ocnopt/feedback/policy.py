@@ -50,11 +50,11 @@ def sample_weights(
     so that no host synchronisation happens here.
     """
     s = s * scale
-    bad = ~torch.isfinite(s)
-    s = torch.where(bad, torch.zeros_like(s), s)
+    bad = torch.isfinite(s).logical_not_().sum()
+    s = s.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     if clip is not None:
         s = s.clamp_(-clip, clip)
-    return s.add_(1.0), bad.sum()
+    return s.add_(1.0), bad
 
 
 def momentum_gain_correction(

@@ -129,7 +129,8 @@ class LayerHelper(ABC):
             return g
         shape = [1] * g.dim()
         shape[self.batch_dim] = -1
-        return g * w.reshape(shape).to(g.dtype)
+        w = w.reshape(shape)
+        return g * (w if w.dtype == g.dtype else w.to(g.dtype))
 
 
 def helper_for(

@@ -29,20 +29,37 @@ from torch import Tensor
 __all__ = ["StepTransaction", "all_finite"]
 
 
+_SMALL = 1 << 16  # tensors below this many elements are checked together (fewer ops)
+
+
+@torch.no_grad()
+def _extremes(t: Tensor) -> Tensor:
+    e = torch.stack(torch.aminmax(t))
+    return e if e.dtype == torch.float32 else e.float()
+
+
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """True iff every element of every tensor is finite (one host sync).
 
-    One vectorised min/max pass per tensor: exact (no overflow of large finite values, unlike
-    a sum) and NaN-propagating.
+    Exact (min/max, no overflow of large finite values, NaN-propagating): one ``aminmax`` per
+    large tensor, one over the concatenation of the small ones.
     """
-    extremes = [torch.stack(torch.aminmax(t.detach())).float()
-                for t in tensors if t.numel() and t.is_floating_point()]
+    small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    extremes: list[Tensor] = []
+    for t in tensors:
+        if not t.numel() or not t.is_floating_point():
+            continue
+        if t.numel() < _SMALL:
+            small.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
+        else:
+            extremes.append(_extremes(t))
+    for ts in small.values():
+        extremes.append(_extremes(ts[0] if len(ts) == 1 else torch.cat(ts)))
     if not extremes:
         return True
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for e in extremes:
-        by_device.setdefault(e.device, []).append(e)
-    return all(bool(torch.isfinite(torch.cat(es)).all()) for es in by_device.values())
+    devices = {e.device for e in extremes}
+    return all(bool(torch.isfinite(torch.cat([e for e in extremes if e.device == d])).all())
+               for d in devices)
 
 
 class StepTransaction:
