@@ -54,8 +54,8 @@ def part1() -> None:
         for fb, clip in ((False, None), (True, None), (True, 1.0)):
             torch.manual_seed(0)
             model = build_model("fcn", input_shape=(64,), num_classes=10, dataset="digits")
-            opt = OCNOpt(model, lr=lr, curvature=curv, feedback=fb, momentum=mom,
-                         feedback_clip=clip)
+            kw = {"momentum": mom} if curv != "adam" else {}
+            opt = OCNOpt(model, lr=lr, curvature=curv, feedback=fb, feedback_clip=clip, **kw)
             train(model, opt, x, y, epochs=10, batch=32)
             row.append(f"{accuracy(model, xt, yt):.3f}")
         print(f"| {curv} (momentum {mom}) | {lr} | " + " | ".join(row) + " |", flush=True)
