@@ -58,7 +58,9 @@ def identity_game_step(model: nn.Module, closure, lr: float, information: str = 
         members = game.group(module)
         if not members:
             return False
-        w0 = 1 + feedback_scale * game.feedback(module, x_hat)
+        s = game.feedback(module, x_hat)  # batch-mean-loss units
+        B = x_hat.shape[0]
+        w0 = torch.ones(B, dtype=D) if s is None else 1 + feedback_scale * B * s
         recs = [cap.records[m] for m in members]
         helpers = [helper_for(m)[0] for m in members]
         ws, solved = [w0], None

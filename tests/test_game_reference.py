@@ -174,14 +174,16 @@ def test_markov_differs_from_nash_by_exactly_the_skip_terms(name: str) -> None:
     assert largest > 1e-3
 
 
-def test_markov_equals_the_current_optimizer_on_the_residual_mlp() -> None:
+def test_markov_equals_the_optimizer_markov_step_on_the_residual_mlp() -> None:
     """No layer of the residual MLP reads a tensor an earlier layer read, so the own-input
-    partial is the whole input gradient: the Markovian game step is today's OCNOpt step."""
+    partial is the whole input gradient: the Markovian game step is OCNOpt's markov step (and
+    the step before the game feedback)."""
     x, y = batch((4,))
     ref, got = ResidualMLP(), ResidualMLP()
     game_step(ref.program(), x, y, "cross_entropy", lr=0.8, information="markov",
               feedback_scale=1.5, weight_decay=0.02)
-    opt = OCNOpt(got, lr=0.8, curvature="identity", feedback_scale=1.5, weight_decay=0.02)
+    opt = OCNOpt(got, lr=0.8, curvature="identity", feedback_scale=1.5, weight_decay=0.02,
+                 information="markov")
     opt.step(lambda: F.cross_entropy(got(x), y))
     for a, b in zip(ref.parameters(), got.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

@@ -1,9 +1,10 @@
-"""Benchmark networks of the DDPNOpt paper (algorithm.md section 8.1) plus two speed models.
+"""Benchmark networks of the DDPNOpt paper (algorithm.md section 8.1) plus two speed models,
+and the game suite's non-Markovian networks (:mod:`ocnopt.bench.game_models`).
 
-Every model is a plain ``nn.Sequential`` of standard modules only (``nn.Linear``,
-``nn.Conv2d``, activations, ``nn.MaxPool2d``, ``nn.Flatten``; no BatchNorm), so each layer is
-a standard module the optimisers can recognise. Input ``(B, *input_shape)``, output logits
-``(B, num_classes)``. Weights use PyTorch's default initialisation, so a model is
+Every model of this module is a plain ``nn.Sequential`` of standard modules only
+(``nn.Linear``, ``nn.Conv2d``, activations, ``nn.MaxPool2d``, ``nn.Flatten``; no BatchNorm), so
+each layer is a standard module the optimisers can recognise. Input ``(B, *input_shape)``,
+output logits ``(B, num_classes)``. Weights use PyTorch's default initialisation, so a model is
 deterministic given ``torch.manual_seed`` set before :func:`build_model`.
 """
 
@@ -13,6 +14,8 @@ import math
 from collections.abc import Callable, Sequence
 
 from torch import nn
+
+from ocnopt.bench import game_models
 
 __all__ = ["MODELS", "build_model", "count_parameters"]
 
@@ -24,6 +27,9 @@ MODELS: dict[str, str] = {
     "mlp": "speed model: MLP in-256-256-out, ReLU (784-256-256-10 on 28x28)",
     "small-cnn": "speed model: conv16-pool-conv32-pool-Linear (3x3 convs, ReLU)",
     "deep-sigmoid": "vanishing-gradient model: 10 Linear layers of width 32 with Sigmoid",
+    "resnet": "game suite: small ResNet, stem + 3 stages of BasicBlocks (8/16/32, BatchNorm, "
+    "in-place residual sums, 1x1-conv downsample)",
+    "inception": "game suite: small inception-style CNN, stem + 2 four-branch modules (8/16)",
 }
 
 ActivationSpec = str | Callable[[], nn.Module]
@@ -175,6 +181,8 @@ _BUILDERS: dict[str, Callable[..., nn.Sequential]] = {
     "mlp": _speed_mlp,
     "small-cnn": _small_cnn,
     "deep-sigmoid": _deep_sigmoid,
+    "resnet": game_models.resnet,
+    "inception": game_models.inception,
 }
 
 
@@ -196,7 +204,8 @@ def build_model(
         dataset: dataset name; sets the fcn defaults (wine: width 10; wine/digits: tanh).
         **overrides: per model: fcn ``width, depth, activation``; cnn ``channels, hidden,
             activation``; mlp ``hidden`` (sequence), ``activation``; small-cnn ``channels``
-            (sequence), ``activation``; deep-sigmoid ``depth, width, activation``.
+            (sequence), ``activation``; deep-sigmoid ``depth, width, activation``; resnet
+            ``widths`` (sequence), ``blocks``, ``stem_stride``; inception ``stem``, ``widths``.
             An activation is a name (relu, tanh, sigmoid, gelu, elu, softplus, leaky-relu) or a
             zero-argument callable returning a module. Unknown keys raise ``TypeError``.
     """

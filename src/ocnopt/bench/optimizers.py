@@ -150,6 +150,13 @@ register(OptimizerSpec(
 register(OptimizerSpec(
     "adam-open", "OCNOpt adam curvature, feedback off (== torch.optim.Adam)",
     _ocnopt("adam", False), _GRID_ADAPTIVE, mode="closure"))
+# The game suite: the three information structures on the same base (ocnopt-ekfac's settings).
+for _info in ("markov", "nash", "cooperative"):
+    register(OptimizerSpec(
+        f"ocnopt-ekfac-{_info}", f"OCNOpt ekfac + feedback, information='{_info}' (momentum "
+        "0.9, feedback_clip 1)",
+        _ocnopt("ekfac", True, momentum=0.9, information=_info, **_OCN), _GRID_KRON,
+        mode="closure", family="ocnopt"))
 register(OptimizerSpec(
     "ocnopt-ekfac-exact", "OCNOpt ekfac + feedback with the exact (unclipped) feedback "
     "formula (momentum 0.9)",

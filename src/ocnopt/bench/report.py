@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ocnopt.bench.game_report import game_targets
 from ocnopt.bench.outdir import atomic_write_text, output_lock, write_json
 from ocnopt.bench.paper import DDPNOPT_SOURCE, PAPER_PROTOCOL
 from ocnopt.bench.paper_report import (
@@ -66,7 +67,8 @@ PROTOCOL = """\
   every `eval_every` steps and after every epoch (val: before training and after every epoch);
   evaluation is excluded from the clock;
   `time_s` counts batch fetch + optimizer step only. ms/step is the median step time (mean of
-  the per-seed medians). Peak memory is `torch.cuda.max_memory_allocated` on CUDA, n/a on CPU.
+  the per-seed medians); CPU ms/step likewise with the process CPU time of a step. Peak memory
+  is `torch.cuda.max_memory_allocated` on CUDA, n/a on CPU.
 * **Time to target (TTT)**: target = 99% of the best first-order method's (sgd/rmsprop/adam)
   final mean test accuracy in the same experiment; a run's TTT is the training clock at the
   first evaluation reaching it; a method's TTT is the mean over seeds and only defined when
@@ -120,6 +122,7 @@ def _row(opt: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
         "train_loss_std": std_or_none([r["final"]["train_loss"] for r in runs]),
         "val_acc_mean": mean_or_none([r["final"]["val_acc"] for r in runs]),
         "ms_per_step": mean_or_none([r["ms_per_step"] for r in runs]),
+        "cpu_ms_per_step": mean_or_none([r.get("cpu_ms_per_step") for r in runs]),
         "train_time_s": mean_or_none([r["train_time_s"] for r in runs]),
         "peak_mem_mb": mean_or_none([r["peak_mem_mb"] for r in runs]),
         "ttt_s": None,
@@ -389,6 +392,9 @@ def _experiment_table(s: dict[str, Any]) -> str:
     header = ["optimizer", "best lr", "test acc", "train loss", "ms/step", "TTT s", "diverged"]
     if s["kind"] == "vanishing":
         header += ["|du| first", "|du| last", "first/last"]
+    cpu = any(r.get("cpu_ms_per_step") is not None for r in s["rows"])
+    if cpu:
+        header.insert(5, "CPU ms/step")
     mem = any(r["peak_mem_mb"] is not None for r in s["rows"])
     if mem:
         header.append("peak MB")
@@ -399,6 +405,8 @@ def _experiment_table(s: dict[str, Any]) -> str:
         row = [r["optimizer"], f"{r['best_lr']:.3g}", pm(r["test_acc_mean"], r["test_acc_std"]),
                pm(r["train_loss_mean"], r["train_loss_std"]), fmt(r["ms_per_step"], ".2f"),
                ttt, f"{r['n_diverged']}/{r['n_runs']}"]
+        if cpu:
+            row.insert(5, fmt(r.get("cpu_ms_per_step"), ".2f"))
         if s["kind"] == "vanishing":
             un = r.get("layer_update_norm") or [None]
             first, last = un[0], un[-1]
@@ -610,6 +618,7 @@ def render(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True
     summary["cost"] = cost_summary(results.get("cost"))
     targets = compute_targets(summary, results.get("speed"))
     targets += paper_targets(summary, summary["cost"])
+    targets += game_targets(summary)
     results = {**results, "summary": summary, "targets": targets}
     written: list[Path] = []
     with output_lock(out):

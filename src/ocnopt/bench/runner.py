@@ -7,7 +7,8 @@ Protocol (also written into ``report.md`` and ``docs/results-schema.md``)
   ``DataLoader`` shuffles with its own ``torch.Generator().manual_seed(seed)``.
 * lr tuning: every optimizer trains once (seed 0) per value of its registry ``lr_grid``; the lr
   with the highest final *validation* accuracy wins (ties: lower final train loss; diverged runs
-  rank last). Without tuning the default lr is ``lr_grid[(len - 1) // 2]``.
+  rank last). Without tuning the default lr is ``lr_grid[(len - 1) // 2]``. An experiment with
+  ``lr_from`` reuses the lr an earlier experiment of the suite chose for each optimizer.
 * Final runs: seeds ``0 .. seeds-1`` at the best lr (robustness: at ``best_lr * m`` for every
   multiplier ``m``). Runs are content-addressed (:meth:`RunConfig.run_id`), so the seed-0 run at
   the best lr IS the tuning run at that lr (trained once, selected on val, reported on test).
@@ -15,8 +16,9 @@ Protocol (also written into ``report.md`` and ``docs/results-schema.md``)
   ``eval_every`` steps and after every epoch, of val loss/accuracy before training and after
   every epoch (``null`` in between); ``time_s`` is training wall-clock only
   (batch fetch + step; evaluation excluded); ``ms_per_step`` is the median step time (CUDA
-  synchronised); final train loss = mean minibatch loss of the last epoch; peak memory =
-  ``torch.cuda.max_memory_allocated`` on CUDA, ``null`` on CPU.
+  synchronised), ``cpu_ms_per_step`` the median process CPU time of a step; final train loss =
+  mean minibatch loss of the last epoch; peak memory = ``torch.cuda.max_memory_allocated`` on
+  CUDA, ``null`` on CPU.
 * Divergence: a non-finite minibatch loss is counted; the run is marked ``diverged`` and stopped
   when the parameters become non-finite or ``DIVERGE_PATIENCE`` consecutive losses are
   non-finite. A diverged run's final accuracy is chance level ``1/num_classes`` (its final
@@ -229,6 +231,7 @@ def train_run(cfg: RunConfig, data: DatasetSplits, *, progress: bool = True) -> 
 
     step, clock, interval_losses = 0, 0.0, []
     step_times: list[float] = []
+    step_cpu: list[float] = []
     nonfinite, consecutive = 0, 0
     diverged_at: int | None = None
     last_finite: dict[str, Any] | None = None
@@ -273,10 +276,11 @@ def train_run(cfg: RunConfig, data: DatasetSplits, *, progress: bool = True) -> 
             before = ([[p.detach().clone() for p in _layer_params(m)] for _, m in layers]
                       if record_norms else [])
             _sync(dev)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = train_step(opt, spec, model, xb, yb, loss_fn)
             lv = float(loss)  # synchronises on CUDA
             dt = time.perf_counter() - t0
+            step_cpu.append(time.process_time() - c0)
             step += 1
             clock += t_fetch + dt
             step_times.append(dt)
@@ -339,6 +343,7 @@ def train_run(cfg: RunConfig, data: DatasetSplits, *, progress: bool = True) -> 
         "steps_per_epoch": steps_per_epoch,
         "train_time_s": clock,
         "ms_per_step": 1e3 * statistics.median(step_times) if step_times else None,
+        "cpu_ms_per_step": 1e3 * statistics.median(step_cpu) if step_cpu else None,
         "peak_mem_mb": peak,
         "final": final,
         "history": hist,
@@ -438,6 +443,7 @@ class _SuiteRun:
         self.trained: list[str] = []
         self.reused: list[str] = []
         self._data: dict[tuple[Any, ...], DatasetSplits] = {}
+        self.best_lrs: dict[tuple[str, str], float] = {}  # (experiment, optimizer) -> tuned lr
         self.bar = tqdm(total=0, desc=f"{suite.name} runs", unit="run", file=sys.stderr,
                         disable=not progress, dynamic_ncols=True)
 
@@ -548,7 +554,7 @@ class _SuiteRun:
             "eval_subset": exp.eval_subset, "loss": exp.loss,
             "paper": list(exp.paper) if exp.paper else None,
             "num_threads": exp.num_threads, "seeds": list(range(self._seeds(exp))),
-            "lr_tuning": self.suite.lr_tuning and exp.kind != "ablation",
+            "lr_tuning": self._tunes(exp),
             "lr_multipliers": list(exp.lr_multipliers) if exp.kind == "robustness" else None,
             "status": "ok", "skip_reason": None, "data": None, "skipped_optimizers": [],
             "optimizers": [], "ablation": None,
@@ -573,7 +579,7 @@ class _SuiteRun:
         specs, entry["skipped_optimizers"] = self._resolve(exp, data)
         n_mult = len(exp.lr_multipliers) if exp.kind == "robustness" else 1
         for spec in specs:  # run() calls this experiment will make (some are cache hits)
-            self.bar.total += (len(spec.lr_grid) if self.suite.lr_tuning else 0) + \
+            self.bar.total += (len(spec.lr_grid) if self._tunes(exp) else 0) + \
                 n_mult * self._seeds(exp)
         self.bar.refresh()
         log.info("%s: %d optimizers, %d seeds, %d epochs", exp.name, len(specs),
@@ -583,10 +589,19 @@ class _SuiteRun:
                 entry["optimizers"].append(self._optimizer(exp, spec, data))
         return entry
 
+    def _tunes(self, exp: Experiment) -> bool:
+        return self.suite.lr_tuning and exp.kind != "ablation" and exp.lr_from is None
+
     def _optimizer(self, exp: Experiment, spec: OptimizerSpec,
                    data: DatasetSplits) -> dict[str, Any]:
         tuning: list[dict[str, Any]] = []
-        if self.suite.lr_tuning:
+        lr_source = "tuned" if self.suite.lr_tuning else "default"
+        if exp.lr_from is not None:
+            reused = self.best_lrs.get((exp.lr_from, spec.name))
+            best_lr = default_lr(spec) if reused is None else reused
+            lr_source = (f"default ({exp.lr_from} has none)" if reused is None else
+                         f"{lr_source} on {exp.lr_from}")
+        elif self.suite.lr_tuning:
             for lr in spec.lr_grid:
                 rec = self.run(self._cfg(exp, spec.name, lr, 0), data)
                 tuning.append({"lr": float(lr), "run_id": rec["run_id"],
@@ -603,6 +618,7 @@ class _SuiteRun:
             best_lr = max(tuning, key=key)["lr"]
         else:
             best_lr = default_lr(spec)
+        self.best_lrs[(exp.name, spec.name)] = best_lr
         mults = list(exp.lr_multipliers) if exp.kind == "robustness" else [1.0]
         runs = []
         for m in mults:
@@ -612,7 +628,7 @@ class _SuiteRun:
                              "lr_multiplier": m})
         return {"name": spec.name, "family": spec.family, "description": spec.description,
                 "mode": spec.mode, "lr_grid": [float(v) for v in spec.lr_grid],
-                "best_lr": best_lr, "lr_source": "tuned" if self.suite.lr_tuning else "default",
+                "best_lr": best_lr, "lr_source": lr_source,
                 "tuning": tuning, "runs": runs}
 
     def _ablation(self, exp: Experiment, data: DatasetSplits

@@ -32,6 +32,7 @@ __all__ = [
     "AblationGrid",
     "CostConfig",
     "FIRST_ORDER",
+    "GAME_OPTIMIZERS",
     "KINDS",
     "ROBUSTNESS_MULTIPLIERS",
     "SUITES",
@@ -129,6 +130,8 @@ class Experiment:
         paper: ``(net, data)`` key of the paper's table (:mod:`ocnopt.bench.paper`) this row
             reproduces, e.g. ``("FCN", "MNIST")``.
         ablation: the grids of an ``ablation`` experiment.
+        lr_from: name of an earlier experiment of the suite whose tuned lr (per optimizer) this
+            one reuses instead of tuning its own (the default lr where that one has none).
     """
 
     dataset: str
@@ -148,6 +151,7 @@ class Experiment:
     seeds: int | None = None
     paper: tuple[str, str] | None = None
     ablation: tuple[AblationGrid, ...] = ()
+    lr_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -159,6 +163,9 @@ class Experiment:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if (self.kind == "ablation") != bool(self.ablation):
             raise ValueError("an ablation experiment needs ablation grids, and only it has them")
+        if self.lr_from is not None and self.kind not in ("compare", "vanishing"):
+            raise ValueError(f"lr_from applies to compare and vanishing experiments, not "
+                             f"{self.kind!r}")
 
     @property
     def name(self) -> str:
@@ -236,6 +243,22 @@ _ABLATION_GRIDS = (
                  (1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
 )
 _COST_OPTIMIZERS = ("adam", "ekfac", "ocnopt-adam", "ocnopt-ekfac", "emsa", "vanilla-ddp")
+
+# ---------------------------------------------------------------- the game-theoretic feedback
+#: The information structures on one base curvature (EKFAC) beside its feedback-off version and
+#: two first-order baselines.
+GAME_OPTIMIZERS = ("sgd", "adam", "ekfac", "ocnopt-ekfac-markov", "ocnopt-ekfac-nash",
+                   "ocnopt-ekfac-cooperative")
+#: Budget (2 shared CPU cores, one thread, about an hour): the networks have 12k-20k
+#: parameters and a stride-2 stem (their blocks see 14x14 maps and smaller); lr is tuned on
+#: mnist5k's validation split (5 epochs) and reused for one epoch of the full Fashion-MNIST.
+GAME_EXPERIMENTS = tuple(
+    exp for model in ("resnet", "inception") for exp in (
+        Experiment("mnist5k", model, GAME_OPTIMIZERS, epochs=5, batch_size=128, eval_every=12,
+                   num_threads=1),
+        Experiment("fashion-mnist", model, GAME_OPTIMIZERS, epochs=1, batch_size=128,
+                   eval_every=86, num_threads=1, lr_from=f"mnist5k-{model}"),
+    ))
 
 
 def _paper_fcn(dataset: str, paper: str, **kw: Any) -> Experiment:
@@ -367,6 +390,16 @@ SUITES: dict[str, Suite] = {
                                      max_step_s=5.0),
         ),
         Suite(
+            "game",
+            "the game-theoretic feedback on non-Markovian nets: a small ResNet (BasicBlocks, "
+            "BatchNorm, in-place residual sums, 1x1-conv downsample) and a small inception-style "
+            "CNN on mnist5k (5 epochs, lr tuned on val) and the full Fashion-MNIST (1 epoch, "
+            "mnist5k's lr; Debian dataset-fashion-mnist or --data-dir); SGD, Adam, EKFAC and "
+            "OCNOpt-EKFAC with information markov / nash / cooperative; batch 128, 3 seeds, one "
+            "thread (about an hour on 2 shared CPU cores)",
+            GAME_EXPERIMENTS, seeds=3,
+        ),
+        Suite(
             "smoke",
             "tiny CI check: DIGITS FCN on 128 training samples, 1 epoch, sgd + ocnopt-identity",
             (_digits_fcn(optimizers=("sgd", "ocnopt-identity"), epochs=1, subset=128,
@@ -425,11 +458,21 @@ def apply_overrides(
                 changes["num_threads"] = num_threads
             if seeds is not None:
                 changes["seeds"] = None  # the suite-wide override wins
+            if exp.lr_from is not None:  # the source experiment under the same override
+                src = next((e for e in suite.experiments if e.name == exp.lr_from), None)
+                changes["lr_from"] = None if src is None else dataclasses.replace(
+                    src, dataset=ds if datasets else src.dataset,
+                    model=mo if models else src.model).name
             new = dataclasses.replace(exp, **changes)
             exps.setdefault(new.name, new)
+    kept: list[Experiment] = []
+    for new in exps.values():  # lr_from must name another experiment that runs before it
+        if new.lr_from is not None and new.lr_from not in {e.name for e in kept}:
+            new = dataclasses.replace(new, lr_from=None)
+        kept.append(new)
     return dataclasses.replace(
         suite,
-        experiments=tuple(exps.values()),
+        experiments=tuple(kept),
         seeds=suite.seeds if seeds is None else seeds,
         lr_tuning=suite.lr_tuning if lr_tuning is None else lr_tuning,
     )

@@ -224,5 +224,5 @@ class Projection:
         a = scale[:ko, ki : ki + 1] - s_rr
         b = scale[ko : ko + 1, :ki] - s_rr
         out = u.mm(torch.addmm(x * a, c * (scale[:ko, :ki] - a - b - s_rr), w.t()))
-        out.addmm_(self.vw * b, w.t())
-        return out.addcmul_(self.v, s_rr)
+        # out of place (same kernels): torch.func.vmap batches these over per-sample directions
+        return torch.addcmul(torch.addmm(out, self.vw * b, w.t()), self.v, s_rr)

@@ -100,14 +100,19 @@ class KroneckerCurvature:
         return new, failed
 
     # ------------------------------------------------------------------ preconditioning
+    def inverse_scale(self, st: Mapping[str, Any], group: Mapping[str, Any], out: Eigenbasis,
+                      inp: Eigenbasis) -> Tensor:
+        """Block scale of ``M^-1`` in the bases ``(out, inp)`` as the state stands (EKFAC: before
+        this step's second-moment update)."""
+        return kfac_scale(out, inp, st.get("locations", 1.0), group["damping"])
+
     def precondition(
         self, st: Mapping[str, Any], v: Tensor, group: Mapping[str, Any]
     ) -> tuple[Tensor, dict[str, Any]]:
         """``M^-1 v`` for a direction matrix ``v`` ``(d_out, d_in[+1])``, and new state."""
         out, inp = bases(st, v.shape[0], v.shape[1], v)
         proj = Projection(v, out, inp)
-        scale = kfac_scale(out, inp, st.get("locations", 1.0), group["damping"])
-        return proj.apply(scale), {}
+        return proj.apply(self.inverse_scale(st, group, out, inp)), {}
 
 
 @dataclass(frozen=True)
@@ -126,14 +131,21 @@ class EKFAC(KroneckerCurvature):
         new["m2"] = ekfac_init(out, inp, st["locations"])
         return new, failed
 
+    @staticmethod
+    def _moments(st: Mapping[str, Any], out: Eigenbasis, inp: Eigenbasis) -> Tensor:
+        m2 = st.get("m2")
+        return ekfac_init(out, inp, st.get("locations", 1.0)) if m2 is None else m2
+
+    def inverse_scale(self, st: Mapping[str, Any], group: Mapping[str, Any], out: Eigenbasis,
+                      inp: Eigenbasis) -> Tensor:
+        return (self._moments(st, out, inp) + group["damping"]).reciprocal_()
+
     def precondition(
         self, st: Mapping[str, Any], v: Tensor, group: Mapping[str, Any]
     ) -> tuple[Tensor, dict[str, Any]]:
         out, inp = bases(st, v.shape[0], v.shape[1], v)
         proj = Projection(v, out, inp)
-        m2 = st.get("m2")
-        if m2 is None:
-            m2 = ekfac_init(out, inp, st.get("locations", 1.0))
+        m2 = self._moments(st, out, inp)
         alpha = group["eigenvalue_decay"]
         m2 = m2.mul(alpha).add_(proj.second_moments(), alpha=(1 - alpha) * st.get("batch_size", 1))
         return proj.apply((m2 + group["damping"]).reciprocal_()), {"m2": m2}

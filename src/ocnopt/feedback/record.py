@@ -5,12 +5,14 @@
   counter at each call's start, and copies of values that an in-place operation is about to
   overwrite while a watched layer may still need them (e.g. the block output before
   ``out += identity`` in a torchvision BasicBlock).
+  A ``backward()`` called inside the recorded block is handed to a callback (the game sets up
+  its partial-gradient hooks around it).
 * :class:`Observer` (second pass, no grad): the tensors the same module calls see again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -49,10 +51,14 @@ def _tensors(value: Any) -> list[Tensor | None]:
     return []
 
 
+_BACKWARD = (Tensor.backward, torch.autograd.backward)
+
+
 class _InPlaceGuard(TorchFunctionMode):
     """Copies a recorded tensor just before an in-place operation overwrites it, if a watched
     layer started when or after the tensor was seen (only then can a cut still need the old
-    value: a tensor's readers all run before it is overwritten)."""
+    value: a tensor's readers all run before it is overwritten).  Hands ``backward()`` calls
+    to the recorder (the mode is inactive while the backward runs)."""
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
@@ -60,6 +66,8 @@ class _InPlaceGuard(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if func in _BACKWARD and self.recorder.on_backward is not None and args:
+            return self.recorder.on_backward(args[0], lambda: func(*args, **kwargs))
         name = getattr(func, "__name__", "")
         if kwargs.get("inplace") or name in _INPLACE_DUNDER or (
                 name.endswith("_") and not name.endswith("__")):
@@ -78,12 +86,16 @@ class Recorder:
         model: the network; every submodule (containers included) is hooked.
         watched: the layers whose start makes earlier tensors worth saving before an in-place
             overwrite (the candidate players).
+        on_backward: called as ``on_backward(tensors, run)`` instead of a ``backward()`` run
+            inside the block (``tensors``: its first argument; ``run()`` runs the backward).
     Hooks act only while gradients are enabled.  ``calls`` lists the calls in start order.
     """
 
-    def __init__(self, model: nn.Module, watched: Collection[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, watched: Collection[nn.Module],
+                 on_backward: Callable[[Any, Callable[[], Any]], Any] | None = None) -> None:
         self.names = {m: n for n, m in model.named_modules()}
         self.watched = set(watched)
+        self.on_backward = on_backward
         self.calls: list[ModuleCall] = []
         self._counts: dict[nn.Module, int] = {}
         self._open: dict[nn.Module, list[int]] = {}

@@ -27,8 +27,9 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,7 +38,17 @@ from torch.optim import Optimizer
 
 from ocnopt.curvature.layer_state import KRONECKER, refresh_due
 from ocnopt.curvature.layer_state import STATE_KEYS as KRONECKER_STATE_KEYS
-from ocnopt.feedback import feedback_terms, momentum_gain_correction, sample_weights
+from ocnopt.feedback import (
+    INFORMATION,
+    GameFeedback,
+    Member,
+    cooperative_weights,
+    feedback_terms,
+    momentum_gain_correction,
+    sample_weights,
+    step_model,
+    update_effect,
+)
 from ocnopt.hooks import FeedbackPass, ForwardCapture, LayerRecord, batchnorm_buffers
 from ocnopt.layers import LayerHelper, helper_for
 from ocnopt.optim.config import (
@@ -117,6 +128,7 @@ class _FirstPass:
     loss: Any  # what the closure returned (tensor or float)
     param_grads: dict[Tensor, Tensor]
     records: dict[nn.Module, LayerRecord]
+    game: GameFeedback | None = None  # the step's game feedback (None: Markovian fallback)
 
 
 class OCNOpt(Optimizer):
@@ -137,6 +149,15 @@ class OCNOpt(Optimizer):
             ``[0, 2]``). ``None`` (default) is the exact DDP formula.
         weight_decay: L2 coefficient ``gamma`` added to the direction (preconditioned for
             kfac/ekfac); ``decoupled_weight_decay=True`` gives AdamW for ``curvature="adam"``.
+        information: what each layer's feedback sees on non-Markovian networks (residual
+            blocks, parallel branches; ``docs/game-theory.md``): ``"nash"`` (default) its whole
+            augmented state, i.e. its input and every earlier tensor still read after it starts
+            (skips, finished branches); ``"markov"`` its input only, with the partial gradient
+            through the readers at or after it; ``"cooperative"`` as ``nash``, and layers reading
+            the same tensor decide jointly at the first of them, with the cross terms of their
+            stage model (exact for identity curvature; other curvatures solve with ``M`` as it
+            stands before the step). The structure is read from the autograd graph of each
+            first pass. On plain feed-forward networks all three are the same step.
         maximize: maximise the objective instead (every curvature, feedback included).
         foreach: accepted for torch.optim compatibility (``None``/``True``/``False``).
         batch_dim: the sample axis of the layers' inputs and outputs: an int for every layer
@@ -196,6 +217,7 @@ class OCNOpt(Optimizer):
         update_freq: int = 100,
         early_refresh: bool = True,
         graft: str | None = None,
+        information: str = "nash",
         batch_dim: int | Mapping[str, int] = 0,
         params: Iterable[Any] | None = None,
         **hyperparameters: Any,
@@ -207,6 +229,9 @@ class OCNOpt(Optimizer):
         for name, v in (("factor_update_freq", factor_update_freq), ("update_freq", update_freq)):
             check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "int >= 1")
         _check_batch_dim(batch_dim)
+        if information not in INFORMATION:
+            raise ValueError(f"unknown information {information!r}; valid: "
+                             f"{', '.join(INFORMATION)}")
         if graft not in GRAFTS or (graft is not None and curvature not in KRONECKER):
             raise ValueError(f"invalid graft={graft!r}: allowed are None, or 'adam' with a "
                              "Kronecker curvature ('kfac', 'ekfac')")
@@ -228,6 +253,8 @@ class OCNOpt(Optimizer):
         self.early_refresh = early_refresh
         self.batch_dim = batch_dim
         self.graft = graft
+        self.information = information
+        self._game = GameFeedback(model, (), information, partial(_batch_dim_of, batch_dim))
         self._rule = _BASE_RULE[curvature]
         self._kron = KRONECKER.get(curvature)
         if params is None:
@@ -242,6 +269,7 @@ class OCNOpt(Optimizer):
         self._records: dict[nn.Module, LayerRecord] = {}
         self._txn: StepTransaction | None = None
         self._feedback_left = 0
+        self._step_game: GameFeedback | None = None
         self._nonfinite_s: list[Tensor] = []
         self._stats: ForwardCapture | None = None
         self._atomic = True  # measurement-only switch (see ocnopt.bench.speed)
@@ -530,11 +558,13 @@ class OCNOpt(Optimizer):
         if not all_finite([loss if isinstance(loss, Tensor) else torch.tensor(float(loss))]):
             raise _Skip("nonfinite_loss")
         captured = [g for rec in first.records.values() for g in rec.grads + rec.input_grads
-                    if g is not None]
+                    if g is not None] + (first.game.partials() if first.game is not None else [])
         if not all_finite([*first.param_grads.values(), *captured]):
             raise _Skip("nonfinite_gradient")
 
     def _end_step(self) -> None:
+        self._game.release()
+        self._step_game = None
         self._records = {}
         self._txn = None
         self._nonfinite_s = []
@@ -559,8 +589,12 @@ class OCNOpt(Optimizer):
                                    "closure step: OCNOpt unscales itself (clip with "
                                    "max_grad_norm)")
             scale = float(scaler.get_scale())
+        game = self._game if feedback else None
+        if game is not None:
+            game.layers = set(watch)
         with ForwardCapture(watch, input_grads=feedback) as cap, torch.enable_grad():
-            out = closure()
+            with game.record() if game is not None else nullcontext():
+                out = closure()  # a backward() in here runs inside game.collect()
             after = self._grad_signature()
             user_backward = cap.fired or any(
                 a is not b and (a is None or b is None or a[0] is not b[0] or a[1] != b[1])
@@ -571,20 +605,30 @@ class OCNOpt(Optimizer):
                 loss = self._loss_tensor(out)
                 targets, roles = self._grad_targets(cap.records, feedback)
                 scaled = loss * scale if scale != 1.0 else loss
-                grads = torch.autograd.grad(scaled, targets, allow_unused=True) if targets else ()
+                with _collecting(game, loss):
+                    grads = (torch.autograd.grad(scaled, targets, allow_unused=True) if targets
+                             else ())
                 param_grads = {t: g for t, r, g in zip(targets, roles, grads, strict=True)
                                if r == "param" and g is not None}
         del before, after
         if any(g.is_sparse for g in param_grads.values()):
             raise ValueError("OCNOpt does not support sparse gradients (nothing was updated)")
         records = {m: r for m, r in cap.records.items() if r.calls}
+        if game is not None and (game.plan is None or game.broken is not None):
+            reason = game.broken or "the closure ran backward() where OCNOpt could not hook it"
+            self._warn_once(f"game:{reason}", f"game feedback unavailable for this step "
+                            f"({reason}): each layer's feedback uses its own input with the total "
+                            "gradient (the Markovian step)", stacklevel=5)
+            game = None
         if scale != 1.0:
             inv = 1.0 / scale
             param_grads = {p: g * inv for p, g in param_grads.items()}
             for rec in records.values():
                 rec.grads = [None if g is None else g * inv for g in rec.grads]
                 rec.input_grads = [None if g is None else g * inv for g in rec.input_grads]
-        return _FirstPass(out, param_grads, records)
+            if game is not None:
+                game.unscale(inv)
+        return _FirstPass(out, param_grads, records, game)
 
     @staticmethod
     def _loss_tensor(out: Any) -> Tensor:
@@ -692,9 +736,12 @@ class OCNOpt(Optimizer):
         self._open_loop(first.param_grads, open_params, txn)
         self._records = records
         self._feedback_left = len(single)
+        self._step_game = first.game
         if single:
             assert rng is not None
-            with FeedbackPass(self._bn_buffers, single, self._feedback_input), rng.replay():
+            observe = first.game.observe(single) if first.game is not None else nullcontext()
+            with FeedbackPass(self._bn_buffers, single, self._feedback_input), observe, \
+                    rng.replay():
                 closure()
         for m in single:
             rec = records[m]
@@ -706,37 +753,124 @@ class OCNOpt(Optimizer):
                 self._apply_layer(lay, dw, db, txn)
 
     def _feedback_input(self, module: nn.Module, x_hat: Tensor) -> bool:
-        """Update ``module`` from its second-pass input; True once every layer is updated."""
+        """Update ``module`` (with its cooperative group, if it leads one) from its second-pass
+        input; True once every layer is updated."""
         rec = self._records.get(module)
         if rec is None or rec.calls != 1 or rec.visited or rec.grads[0] is None:
             return False
-        rec.visited = True
-        self._feedback_left -= 1
+        game = self._step_game
+        members = (game.group(module) if game is not None else ()) or (module,)
         lay = self._layers[module]
         x, g, p = rec.inputs[0], rec.grads[0], rec.input_grads[0]
-        if x._version != rec.versions[0]:
-            raise RuntimeError(f"the input of layer {lay.name!r} was modified in place after the "
-                               "layer ran; the feedback needs the first-pass input")
-        w = None
-        if p is not None:
-            if x_hat.shape != x.shape:
-                raise RuntimeError(
-                    f"layer {lay.name!r}: input shape {tuple(x_hat.shape)} in the feedback pass "
-                    f"differs from {tuple(x.shape)}; the closure must re-evaluate the same batch")
-            group = lay.wgroup
-            batch = lay.helper.batch_size(x)
-            gain = momentum_gain_correction("adam" if self.graft else self._rule,
-                                            group.get("momentum", 0.0),
-                                            group.get("dampening", 0.0))
-            sign = -1.0 if group["maximize"] else 1.0
-            s = feedback_terms([p], [x_hat - x], lay.helper.batch_dim)
-            w, bad = sample_weights(s, scale=sign * group["feedback_scale"] * gain * batch,
-                                    clip=group["feedback_clip"])
-            self._nonfinite_s.append(bad)
-        dw, db = lay.helper.weight_grad(x, g, w)  # type: ignore[arg-type]
+        for m in members:
+            r = self._records[m]
+            if r.inputs[0]._version != r.versions[0]:
+                raise RuntimeError(f"the input of layer {self._layers[m].name!r} was modified in "
+                                   "place after the layer ran; the feedback needs the first-pass "
+                                   "input")
+        if (game is not None or p is not None) and x_hat.shape != x.shape:
+            raise RuntimeError(
+                f"layer {lay.name!r}: input shape {tuple(x_hat.shape)} in the feedback pass "
+                f"differs from {tuple(x.shape)}; the closure must re-evaluate the same batch")
+        if game is not None:
+            s = game.feedback(module, x_hat)
+        else:
+            s = None if p is None else feedback_terms([p], [x_hat - x], lay.helper.batch_dim)
         assert self._txn is not None
-        self._apply_layer(lay, dw, db, self._txn)
+        if len(members) > 1:
+            self._decide_group(members, s, self._txn)
+        else:
+            w = None if s is None else self._sample_weights(lay, s, x)
+            dw, db = lay.helper.weight_grad(x, g, w)  # type: ignore[arg-type]
+            self._apply_layer(lay, dw, db, self._txn)
+        for m in members:
+            self._records[m].visited = True
+        self._feedback_left -= len(members)
         return self._feedback_left == 0
+
+    def _feedback_gain(self, lay: _Layer) -> tuple[float, float]:
+        """``(sign * feedback_scale, momentum-gain correction)`` of a layer's feedback terms."""
+        group = lay.wgroup
+        gain = momentum_gain_correction("adam" if self.graft else self._rule,
+                                        group.get("momentum", 0.0), group.get("dampening", 0.0))
+        return (-1.0 if group["maximize"] else 1.0) * group["feedback_scale"], gain
+
+    def _sample_weights(self, lay: _Layer, s: Tensor, x: Tensor) -> Tensor:
+        """``1 + clip(sign * beta * gain * B * s)`` (non-finite terms counted and zeroed)."""
+        beta, gain = self._feedback_gain(lay)
+        w, bad = sample_weights(s, scale=beta * gain * lay.helper.batch_size(x),
+                                clip=lay.wgroup["feedback_clip"])
+        self._nonfinite_s.append(bad)
+        return w
+
+    def _decide_group(self, members: tuple[nn.Module, ...], s: Tensor | None,
+                      txn: StepTransaction) -> None:
+        """A cooperative group decides at its first member: joint sample weights, then every
+        member is updated; the effect of each later member's applied change is reported to the
+        game (the players running in between see it as feedback)."""
+        game = self._step_game
+        assert game is not None
+        lays = [self._layers[m] for m in members]
+        recs = [self._records[m] for m in members]
+        x = recs[0].inputs[0]
+        weights = self._joint_weights(members, lays, recs, s, txn)
+        if weights is None:  # lone weights (no cross terms)
+            weights = [None if s is None else self._sample_weights(lay, s, x) for lay in lays]
+        for k, (m, lay, rec, w) in enumerate(zip(members, lays, recs, weights, strict=True)):
+            before = [q.detach().clone() for q in lay.params] if k else []
+            dw, db = lay.helper.weight_grad(rec.inputs[0], rec.grads[0], w)  # type: ignore[arg-type]
+            self._apply_layer(lay, dw, db, txn)
+            if k:
+                change = [q.detach() - b for q, b in zip(lay.params, before, strict=True)]
+                game.report_update(m, update_effect(m, rec.inputs[0], rec.grads[0],  # type: ignore[arg-type]
+                                                    change[0], change[1] if len(change) > 1
+                                                    else None))
+
+    def _joint_weights(self, members: tuple[nn.Module, ...], lays: list[_Layer],
+                       recs: list[LayerRecord], s: Tensor | None, txn: StepTransaction
+                       ) -> list[Tensor] | None:
+        """Sample weights of a cooperative group's joint minimiser, or None where its cross
+        terms are left out: ``feedback_scale`` 0, members with different feedback settings or
+        a sample axis other than 0, Adam grafting, no curvature state yet (RMSprop/Adam before
+        their first step), or a stage model that is not positive definite (warned)."""
+        beta, gain = self._feedback_gain(lays[0])
+        clip = lays[0].wgroup["feedback_clip"]
+        if beta == 0 or self.graft is not None or not all(
+                self._feedback_gain(lay) == (beta, gain) and lay.wgroup["feedback_clip"] == clip
+                and lay.helper.batch_dim == 0 for lay in lays):
+            return None
+        models = [step_model(self.curvature, lay.helper,
+                             (txn.view(lay.helper.weight, self.state),
+                              None if lay.helper.bias is None else
+                              txn.view(lay.helper.bias, self.state)),
+                             (lay.wgroup, lay.bgroup), self._kron) for lay in lays]
+        if any(m is None for m in models):
+            return None
+        weight = lays[0].helper.weight
+        batch = recs[0].inputs[0].shape[0]
+        bad0 = None
+        if s is None:
+            w0 = torch.ones(batch, dtype=weight.dtype, device=weight.device)
+        else:  # momentum-free stage model: the gain correction applies to the result
+            w0, bad0 = sample_weights(s.to(weight.dtype), scale=beta * batch, clip=None)
+        joint, ok = cooperative_weights(
+            [Member(m, lay.helper, r.inputs[0], r.grads[0], sm)  # type: ignore[arg-type]
+             for m, lay, r, sm in zip(members, lays, recs, models, strict=True)],
+            w0, abs(beta), maximize=beta < 0)
+        if not ok:
+            names = ", ".join(lay.name for lay in lays)
+            self._warn_once(f"coop:{names}", f"cooperative group ({names}): the stage's joint "
+                            "quadratic model is not positive definite; its cross terms are "
+                            "dropped at such steps", stacklevel=7)
+            return None
+        if bad0 is not None:
+            self._nonfinite_s.append(bad0)
+        weights = []
+        for w in joint:
+            w, bad = sample_weights(w - 1, scale=gain, clip=clip)
+            self._nonfinite_s.append(bad)
+            weights.append(w)
+        return weights
 
     # ------------------------------------------------------------------ updates
     def _open_loop(self, grads: Mapping[Tensor, Tensor], params: list[Tensor],
@@ -995,6 +1129,14 @@ class OCNOpt(Optimizer):
         self._records = {}
         if "model" in state:
             self._build_layers()
+
+
+def _collecting(game: GameFeedback | None, loss: Tensor) -> AbstractContextManager[Any]:
+    """Around OCNOpt's own backward: the game's graph analysis and partial-gradient hooks."""
+    if game is None:
+        return nullcontext()
+    game.prepare(loss)
+    return game.collect()
 
 
 def _clip(d: Tensor, max_norm: float | None) -> Tensor:
