@@ -3,6 +3,7 @@ grid), step clipping, accumulation over adjoint calls, gating, hook hygiene, O(1
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 
@@ -20,7 +21,7 @@ from ocnopt.ode import (  # noqa: E402
     ODEFactorCollector,
     ode_layers,
 )
-from ocnopt.ode.block import _CallField  # noqa: E402
+from ocnopt.ode.block import _ARMED, _CallField  # noqa: E402
 from ocnopt.reference.ode import adjoint_factor_oracle  # noqa: E402
 
 D = torch.float64
@@ -208,19 +209,27 @@ def test_collection_only_inside_the_block_and_hooks_are_removed():
 
     model(x).sum().backward()  # not armed: nothing recorded, no hook
     col = ODEFactorCollector(model)
-    assert hooks() == 0 and col.factors() == {}
+    assert hooks() == 0 and col.factors() == {} and not col.active
     with pytest.raises(RuntimeError, match="boom"), col:
-        assert hooks() == 4
+        assert col.active and hooks() == 0  # module hooks only during its own evaluations
         raise RuntimeError("boom")
-    assert hooks() == 0 and model[1]._collector is None
-    with ODEFactorCollector(model) as col:
-        with pytest.raises(RuntimeError, match="already"), ODEFactorCollector(model):
+    assert not col.active and not _ARMED
+    with ODEFactorCollector(model) as col, ODEFactorCollector(model) as other:
+        with pytest.raises(RuntimeError, match="already active"), col:
             pass
+        copy.deepcopy(model)(x).sum().backward()  # copies of the model are never armed
+        assert col.factors() == {} and other.factors() == {}
         model(x).sum().backward()
-    assert hooks() == 0 and model[1]._collector is None
+        assert hooks() == 0
+    assert hooks() == 0 and not _ARMED
     assert set(col.factors()) == {f.c1.conv, f.c2.conv}  # the stem conv is not an ODE layer
+    for m, fac in col.factors().items():  # two active collectors sample independently
+        assert torch.equal(fac.A, other.factors()[m].A)
+        assert torch.equal(fac.G, other.factors()[m].G)
     model(x).sum().backward()  # after exit: the factors no longer change
     assert all(fac.samples == 2 for fac in col.factors().values())
+    col.reset()
+    assert col.factors() == {} and col.calls == 0
 
 
 def test_ode_layers_lists_supported_and_skipped_modules():

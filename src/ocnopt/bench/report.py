@@ -459,6 +459,10 @@ def format_tables(results: dict[str, Any], summary: dict[str, Any],
         parts += ["## speed", _speed_table(results["speed"]), ""]
     elif results.get("speed_error"):
         parts += ["## speed", f"not run: {results['speed_error']}", ""]
+    if results.get("ode"):  # the Neural-ODE suite (ocnopt.bench.ode_suite)
+        from ocnopt.bench.ode_suite import format_ode
+
+        parts += ["## Neural ODEs", format_ode(results["ode"]), ""]
     parts += ["## targets", _targets_table(targets)]
     if not results.get("complete", True):
         parts.append("\nNOTE: the suite did not finish; these are partial results "
@@ -536,6 +540,11 @@ def _markdown(results: dict[str, Any], summary: dict[str, Any], targets: list[di
         lines += ["## Speed", "", _speed_table(results["speed"]), ""]
     elif results.get("speed_error"):
         lines += ["## Speed", "", f"not run: {results['speed_error']}", ""]
+    if results.get("ode"):  # the Neural-ODE suite (ocnopt.bench.ode_suite)
+        from ocnopt.bench.ode_suite import ode_markdown
+
+        lines += [ode_markdown(results["ode"], [p for p in plots if p.stem.startswith("ode-")],
+                               out_dir)]
     return "\n".join(lines) + "\n"
 
 
@@ -619,10 +628,18 @@ def render(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True
     targets = compute_targets(summary, results.get("speed"))
     targets += paper_targets(summary, summary["cost"])
     targets += game_targets(summary)
+    if results.get("ode"):  # the Neural-ODE suite (ocnopt.bench.ode_suite)
+        from ocnopt.bench import ode_suite
+
+        targets += ode_suite.ode_targets(results["ode"])
     results = {**results, "summary": summary, "targets": targets}
     written: list[Path] = []
     with output_lock(out):
         pngs = plotting.render_plots(results, summary, out / "plots") if plots else []
+        if plots and results.get("ode"):
+            from ocnopt.bench.ode_suite import ode_plots
+
+            pngs += ode_plots(results["ode"], out / "plots")
         write_json(out / "results.json", results)
         written.append(out / "results.json")
         atomic_write_text(out / "results.csv", _csv_text(_csv_rows(summary), _CSV_FIELDS))
@@ -631,6 +648,13 @@ def render(results: dict[str, Any], out_dir: str | Path, *, plots: bool = True
             keys = list(dict.fromkeys(k for r in results["speed"] for k in r))
             atomic_write_text(out / "speed.csv", _csv_text(results["speed"], keys))
             written.append(out / "speed.csv")
+        if results.get("ode"):
+            from ocnopt.bench.ode_suite import ode_rows
+
+            rows = ode_rows(results["ode"])
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            atomic_write_text(out / "ode.csv", _csv_text(rows, keys))
+            written.append(out / "ode.csv")
         atomic_write_text(out / "report.md", _markdown(results, summary, targets, pngs, out))
         written.append(out / "report.md")
     written += pngs

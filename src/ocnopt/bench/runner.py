@@ -722,7 +722,7 @@ def _run_suite_locked(suite: Suite, out: Path, *, device: str, resume: bool,
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "complete": False, "suite": suite.to_dict(),
         "meta": _meta(suite, device, data_dir), "experiments": [], "runs": state.records,
-        "speed": None, "speed_error": None, "cost": None,
+        "speed": None, "speed_error": None, "cost": None, "ode": None,
     }
 
     def save() -> None:
@@ -745,6 +745,11 @@ def _run_suite_locked(suite: Suite, out: Path, *, device: str, resume: bool,
                 results["speed_error"] = str(exc)
         if suite.cost is not None:
             results["cost"] = run_cost(suite.cost, device)
+            save()
+        if suite.ode is not None:  # the Neural-ODE suite (CPU; ocnopt.bench.ode_suite)
+            from ocnopt.bench.ode_suite import run_ode_suite
+
+            results["ode"] = run_ode_suite(suite.ode, out, resume=resume, progress=progress)
             save()
     finally:
         state.bar.close()

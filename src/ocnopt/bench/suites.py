@@ -17,7 +17,8 @@ Experiment kinds
   hyperparameter of the grid, ``seeds`` seeds each, no tuning.
 
 A suite may also measure the cost per iteration against the batch size (:class:`CostConfig`,
-measured by :mod:`ocnopt.bench.cost`).
+measured by :mod:`ocnopt.bench.cost`), or run a Neural-ODE profile (``ode``: a profile name of
+:mod:`ocnopt.bench.ode_suite`, which owns its protocol).
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class Suite:
     lr_tuning: bool = True
     speed: bool = False
     cost: CostConfig | None = None
+    ode: str | None = None  # a profile of ocnopt.bench.ode_suite
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (used in ``results.json``)."""
@@ -389,6 +391,13 @@ SUITES: dict[str, Suite] = {
             cost=dataclasses.replace(DDPNOPT_COST, batch_sizes=(8, 32), steps=3, rounds=1,
                                      max_step_s=5.0),
         ),
+        # ---- Neural ODEs (SNOpt): ocnopt.bench.ode_suite owns these profiles' protocol
+        Suite("ode", "Neural ODEs (SNOpt): ConvODENet (width 16) on full Fashion-MNIST and the "
+              "MNIST 5k subset, the ODE-RNN on JapaneseVowels and BasicMotions, the CNF on four "
+              "2-D densities and the breast-cancer table; lr tuned on val, one seed; NFE and t1 "
+              "over training, learned t1, cost and memory (budget about 75 min on 2 shared CPU "
+              "cores, one torch thread)", (), seeds=1, ode="full"),
+        Suite("ode-quick", "a one-minute smoke version of 'ode'", (), seeds=1, ode="quick"),
         Suite(
             "game",
             "the game-theoretic feedback on non-Markovian nets: a small ResNet (BasicBlocks, "

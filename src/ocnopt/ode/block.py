@@ -3,15 +3,19 @@
 Every call of :meth:`ODEBlock.integrate` passes a small per-call vector field object to
 ``torchdiffeq.odeint_adjoint``. It counts function evaluations (forward solve / adjoint solve)
 and exposes torchdiffeq's adjoint step callback (``callback_accept_step_adjoint`` for adaptive
-solvers, ``callback_step_adjoint`` for fixed-grid ones), through which an armed
+solvers, ``callback_step_adjoint`` for fixed-grid ones), through which every armed
 :class:`~ocnopt.ode.collector.ODEFactorCollector` samples the adjoint solve. The callback knows
 its call's time grid, so the solver's step can be clipped to the interval it integrates. No
 patched solver; nothing of the trajectory is kept (the adjoint re-integrates it backwards).
+
+Armed collectors are registered in a process-wide weak table keyed by the block, never stored
+on the module: copies of a model (``copy.deepcopy``, pickling) are never armed.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +26,10 @@ if TYPE_CHECKING:
     from ocnopt.ode.collector import ODEFactorCollector
 
 __all__ = ["ODEBlock", "State", "find_ode_blocks"]
+
+#: The collectors armed on each block, in arming order (see ``ODEFactorCollector``).
+_ARMED: weakref.WeakKeyDictionary[ODEBlock, list[ODEFactorCollector]] = (
+    weakref.WeakKeyDictionary())
 
 #: An ODE state: one tensor, or a tuple of tensors (e.g. a CNF's ``(z, delta_logp)``); the
 #: first tensor's leading dim is the batch.
@@ -64,7 +72,7 @@ class _CallField:
         self.batch = self.shapes[0][0] if len(self.shapes[0]) else 1
         self.mask = mask
         self.phase = "forward"
-        self.sampled_by: ODEFactorCollector | None = None
+        self.sampled_by: set[ODEFactorCollector] = set()
         self.nfe_forward = 0
         self.nfe_backward = 0
         name = _adjoint_callback_name(block.method)
@@ -120,8 +128,7 @@ class _CallField:
         return torch.minimum(dt.to(t0.dtype).abs(), t0 - lower).clamp_min(0)
 
     def _adjoint_step(self, t0: Tensor, aug_state: Sequence[Tensor], dt: Tensor) -> None:
-        collector = self.block._collector
-        if collector is not None:
+        for collector in tuple(_ARMED.get(self.block, ())):
             collector._sample(self, t0, aug_state, dt)
 
 
@@ -183,7 +190,6 @@ class ODEBlock(nn.Module):
         self.register_buffer("t1", torch.tensor(float(t1), dtype=torch.float64))
         self._t1_leaf: Tensor | None = None
         self._t1_key: tuple[int, int] | None = None
-        self._collector: ODEFactorCollector | None = None
         self._last: _CallField | None = None
         self._nfe_forward_total = 0
         self._nfe_backward_total = 0
@@ -266,7 +272,8 @@ class ODEBlock(nn.Module):
     def _adjoint_options(self, field: _CallField) -> dict[str, Any] | None:
         """The adjoint solve's options; with an armed collector that asks for ``sample_dt``
         (adaptive solvers), ``step_t`` forces adjoint steps at the multiples of ``sample_dt``."""
-        dt = self._collector.sample_dt if self._collector is not None else None
+        dts = [c.sample_dt for c in _ARMED.get(self, ()) if c.sample_dt is not None]
+        dt = min(dts) if dts else None
         if dt is None or _adjoint_callback_name(self.method) != "callback_accept_step_adjoint":
             return self.adjoint_options
         if self.adjoint_options is not None:

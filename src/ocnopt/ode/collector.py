@@ -29,13 +29,16 @@ input has no batch dim (time hyper-networks, input ``(1, 1)``) see the batch-sum
 Memory: per layer only the ``A`` and ``G`` accumulators and a few scalars, updated in place;
 nothing grows with the number of solver steps or adjoint calls. Statistics accumulate over all
 adjoint solves run while the collector is active (e.g. one per observation interval of an
-ODE-RNN). Hooks exist only inside the ``with`` block.
+ODE-RNN). While active, the collector is registered with its blocks in a process-wide weak
+table (not on the modules); its module hooks exist only during its own deliberate evaluations.
+Several collectors may be active on one block; each samples independently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ocnopt.layers import LayerHelper, helper_for
-from ocnopt.ode.block import _adjoint_callback_name, _CallField, find_ode_blocks
+from ocnopt.ode.block import _ARMED, _adjoint_callback_name, _CallField, find_ode_blocks
 
 __all__ = ["ODELayer", "ODEFactors", "ODEFactorCollector", "ode_layers"]
 
@@ -134,14 +137,17 @@ class ODEFactorCollector:
 
     Args:
         model: the network; every :class:`ODEBlock` inside it is sampled.
-        layers: optional subset of the ODE-internal modules to collect (default: all).
+        layers: optional subset of the ODE-internal modules to collect (default: all), or a
+            mapping from those modules to the :class:`~ocnopt.layers.LayerHelper` whose
+            conventions the factors follow (e.g. no ones column for a bias that is not trained).
         sample_dt: optional maximum spacing of the samples for adaptive solvers: solves whose
             forward runs inside the ``with`` get their adjoint steps forced onto the multiples of
             ``sample_dt`` (torchdiffeq's ``step_t``), at the price of extra adjoint solver steps
             (SNOpt samples a grid of 0.01). Default: the solver's own steps.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[nn.Module] | None = None,
+    def __init__(self, model: nn.Module,
+                 layers: Iterable[nn.Module] | Mapping[nn.Module, LayerHelper] | None = None,
                  sample_dt: float | None = None) -> None:
         if sample_dt is not None and not (isinstance(sample_dt, (int, float))
                                           and math.isfinite(sample_dt) and sample_dt > 0):
@@ -156,6 +162,9 @@ class ODEFactorCollector:
                 raise ValueError(f"{len(missing)} module(s) are not supported layers inside an "
                                  "ODE block's func")
             found = {m: found[m] for m in wanted}
+            if isinstance(layers, Mapping):
+                found = {m: dataclasses.replace(lay, helper=layers[m])
+                         for m, lay in found.items()}
         self.layers = found
         self.blocks = list(find_ode_blocks(model).values())
         blind = [b.method for b in self.blocks if _adjoint_callback_name(b.method) is None]
@@ -164,37 +173,38 @@ class ODEFactorCollector:
                              "collection needs a torchdiffeq fixed-grid or adaptive RK solver")
         self.calls = 0  # adjoint solves sampled
         self._acc: dict[nn.Module, _Accumulator] = {}
-        self._handles: list[RemovableHandle] = []
         self._eval: _Eval | None = None
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> ODEFactorCollector:
-        busy = [b for b in self.blocks if b._collector is not None]
-        if busy:
-            raise RuntimeError("an ODE block is already being collected by another collector")
-        try:
-            for block in self.blocks:
-                block._collector = self
-            for module in self.layers:
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
-                self._handles.append(module.register_forward_hook(self._post_hook))
-        except BaseException:
-            self.close()
-            raise
+        if self.active:
+            raise RuntimeError("this collector is already active")
+        for block in self.blocks:
+            _ARMED.setdefault(block, []).append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def active(self) -> bool:
+        """Whether the collector is armed (samples the adjoint solves of its blocks)."""
+        return any(self in _ARMED.get(b, ()) for b in self.blocks)
+
     def close(self) -> None:
-        """Remove every hook and detach from the blocks (idempotent)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Stop sampling: detach from the blocks (idempotent; the factors stay readable)."""
         for block in self.blocks:
-            if block._collector is self:
-                block._collector = None
+            armed = _ARMED.get(block, [])
+            if self in armed:
+                armed.remove(self)
+            if not armed:
+                _ARMED.pop(block, None)
         self._eval = None
+
+    def reset(self) -> None:
+        """Forget everything collected so far (stays armed if it is)."""
+        self._acc.clear()
+        self.calls = 0
 
     # -- results ------------------------------------------------------------------------------
     def factors(self) -> dict[nn.Module, ODEFactors]:
@@ -217,18 +227,22 @@ class ODEFactorCollector:
     # -- sampling (called from the adjoint step callback) ----------------------------------
     def _sample(self, call: _CallField, t0: Tensor, aug_state: Sequence[Tensor],
                 dt: Tensor) -> None:
-        if call.sampled_by is not self:
-            call.sampled_by = self
+        if self not in call.sampled_by:
+            call.sampled_by.add(self)
             self.calls += 1
         weight = call.step_weight(t0, dt)
         ys = call.unflatten(aug_state[1])
         adj = call.unflatten(aug_state[2])
         t = call.original_time(t0).detach()
         ev = _Eval(weight, call.batch, call.mask)
+        handles: list[RemovableHandle] = []
         with torch.enable_grad():
             leaves = tuple(y.detach().requires_grad_(True) for y in ys)
             self._eval = ev
             try:
+                for module in self.layers:
+                    handles.append(module.register_forward_pre_hook(self._pre_hook))
+                    handles.append(module.register_forward_hook(self._post_hook))
                 f = call.evaluate(t, leaves if call.is_tuple else leaves[0])
                 fs = (f,) if isinstance(f, Tensor) else tuple(f)
                 pairs = [(fk, ak) for fk, ak in zip(fs, adj, strict=True) if fk.requires_grad]
@@ -240,6 +254,8 @@ class ODEFactorCollector:
                                         grad_outputs=[p[1] for p in pairs], allow_unused=True)
             finally:
                 self._eval = None
+                for h in handles:
+                    h.remove()
 
     def _anchor(self, module: nn.Module) -> Tensor | None:
         """The cheapest parameter of ``module`` to differentiate (makes its output's hook fire)."""

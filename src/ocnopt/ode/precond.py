@@ -97,7 +97,7 @@ class SNOptPreconditioner:
         if not self.due:
             yield
             return
-        with ODEFactorCollector(self.model, self.layers, self.sample_dt) as col:
+        with ODEFactorCollector(self.model, list(self.layers), self.sample_dt) as col:
             yield
         self._collector = col
 

@@ -65,15 +65,19 @@ def _real(v: Any) -> bool:
 
 
 def _validate(mode: Any, lr: Any, reg: Any, momentum: Any, update_freq: Any,
-              min_t1: Any) -> None:
-    _check("mode", mode, mode in T1_MODES, " or ".join(repr(m) for m in T1_MODES))
-    _check("lr", lr, _real(lr) and lr > 0, "a finite float > 0")
+              min_t1: Any, prefix: str = "") -> None:
+    """Check the hyperparameters; error messages name them ``prefix + name``."""
+    p = prefix
+    _check(f"{p}mode", mode, mode in T1_MODES, " or ".join(repr(m) for m in T1_MODES))
+    _check(f"{p}lr", lr, _real(lr) and lr > 0, "a finite float > 0")
     if mode == "feedback":
-        _check("reg", reg, _real(reg) and reg > 0, "a finite float > 0 for mode='feedback'")
+        _check(f"{p}reg", reg, _real(reg) and reg > 0,
+               f"a finite float > 0 for {p}mode='feedback'")
     else:
-        _check("reg", reg, _real(reg) and reg >= 0, "a finite float >= 0")
-    _check("momentum", momentum, _real(momentum) and 0 <= momentum < 1, "0 <= momentum < 1")
-    _check("update_freq", update_freq, isinstance(update_freq, int)
+        _check(f"{p}reg", reg, _real(reg) and reg >= 0, "a finite float >= 0")
+    _check(f"{p}momentum", momentum, _real(momentum) and 0 <= momentum < 1,
+           f"0 <= {p}momentum < 1")
+    _check(f"{p}update_freq", update_freq, isinstance(update_freq, int)
            and not isinstance(update_freq, bool) and update_freq >= 1, "an int >= 1")
     _check("min_t1", min_t1, _real(min_t1) and min_t1 > 0, "a finite float > 0")
 
@@ -221,10 +225,33 @@ class IntegrationTimeController:
         }
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore statistics and hyperparameters (validated as in ``__init__``)."""
+    def check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` of a controller of this
+        block's parameters (keys, hyperparameter ranges, tensor shapes)."""
+        keys = ("mode", "lr", "reg", "momentum", "update_freq", "min_t1", "count", "q_t", "q_tt",
+                "grad", "cross", "pending", "before")
+        if not isinstance(state, dict) or set(state) != set(keys):
+            raise ValueError(f"an integration-time controller state has the keys {keys}")
         _validate(state["mode"], state["lr"], state["reg"], state["momentum"],
                   state["update_freq"], state["min_t1"])
+        count = state["count"]
+        _check("count", count, isinstance(count, int) and not isinstance(count, bool)
+               and count >= 0, "an int >= 0")
+        _check("pending", state["pending"], isinstance(state["pending"], bool), "True or False")
+        size = sum(p.numel() for p in self.params)
+        for key, shape in (("q_t", ()), ("q_tt", ()), ("grad", ()), ("cross", (size,)),
+                           ("before", (size,))):
+            v = state[key]
+            if (v is None and key in ("cross", "before")) or (
+                    isinstance(v, Tensor) and v.is_floating_point() and v.shape == shape):
+                continue
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"integration-time state {key!r} must be a float tensor of shape "
+                             f"{shape}, got {got}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore statistics and hyperparameters (validated by :meth:`check_state`)."""
+        self.check_state(state)
         for key in ("mode", "lr", "reg", "momentum", "update_freq", "min_t1", "count"):
             setattr(self, key, state[key])
         self._pending = bool(state["pending"])

@@ -51,6 +51,8 @@ from ocnopt.feedback import (
 )
 from ocnopt.hooks import FeedbackPass, ForwardCapture, LayerRecord, batchnorm_buffers
 from ocnopt.layers import LayerHelper, helper_for
+from ocnopt.ode.collector import ODEFactors
+from ocnopt.ode.driver import ODEDriver, ODEOptions
 from ocnopt.optim.config import (
     ALL_KEYS,
     COMMON_DEFAULTS,
@@ -165,6 +167,15 @@ class OCNOpt(Optimizer):
             prefix wins, other layers use 0), e.g. ``{"encoder": 1}`` when an encoder of
             ``batch_first=False`` modules works on ``(sequence, batch, features)`` while the
             head after pooling sees ``(batch, features)``.
+        ode: settings for models with :class:`~ocnopt.ode.ODEBlock` s, an
+            :class:`~ocnopt.ode.driver.ODEOptions` or a dict of its fields (feedback after ODE
+            blocks, adjoint sampling, the integration-time controller of ``learn_t1`` blocks).
+
+    Layers inside ODE blocks' vector fields (they run at every solver stage) get open-loop
+    updates, never the feedback: ``kfac``/``ekfac`` precondition them with time-integrated
+    Kronecker factors collected during the adjoint solve (SNOpt), the diagonal curvatures with
+    their torch rule; ``learn_t1`` blocks get their ``t1`` updated by SNOpt's feedback policy
+    after the parameters, in the same all-or-nothing step (:mod:`ocnopt.ode.driver`).
 
     Curvature settings (each curvature takes only its own; others raise ``ValueError``):
 
@@ -220,6 +231,7 @@ class OCNOpt(Optimizer):
         information: str = "nash",
         batch_dim: int | Mapping[str, int] = 0,
         params: Iterable[Any] | None = None,
+        ode: ODEOptions | Mapping[str, Any] | None = None,
         **hyperparameters: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -273,6 +285,8 @@ class OCNOpt(Optimizer):
         self._nonfinite_s: list[Tensor] = []
         self._stats: ForwardCapture | None = None
         self._atomic = True  # measurement-only switch (see ocnopt.bench.speed)
+        self._ode = ODEDriver(model, ODEOptions.of(ode), self._kron is not None)
+        self._after_ode: set[nn.Module] = set()
         self._check_model()
         self._build_layers()
         self._initialised = True
@@ -339,6 +353,7 @@ class OCNOpt(Optimizer):
         functional_owners = {id(m) for mha in self.model.modules()
                              if isinstance(mha, nn.MultiheadAttention) for m in mha.children()}
         self._layers: dict[nn.Module, _Layer] = {}
+        self._ode_layers: dict[nn.Module, _Layer] = {}  # inside ODE fields: open loop only
         unsupported: list[str] = []
         for mname, module in self.model.named_modules():
             weight = getattr(module, "weight", None)
@@ -347,7 +362,9 @@ class OCNOpt(Optimizer):
             bias = getattr(module, "bias", None)
             train_bias = isinstance(bias, Tensor) and bias in group_of and bias.requires_grad
             label = mname or type(module).__name__
-            helper, reason = helper_for(module, train_bias, _batch_dim_of(self.batch_dim, mname))
+            in_ode = module in self._ode.candidates  # ODE states are batch-first
+            helper, reason = helper_for(module, train_bias,
+                                        0 if in_ode else _batch_dim_of(self.batch_dim, mname))
             if helper is None:
                 if isinstance(module, (nn.Linear, nn.Conv2d)) or "Conv" in type(module).__name__:
                     unsupported.append(f"{label} ({reason})")
@@ -365,8 +382,10 @@ class OCNOpt(Optimizer):
             wgroup = group_of[weight]
             if bgroup is not None and bgroup["maximize"] != wgroup["maximize"]:
                 raise ValueError(f"layer {label!r}: weight and bias must agree on maximize")
-            self._layers[module] = _Layer(label, helper, wgroup, bgroup)
-        self._layer_of = {t: lay for lay in self._layers.values() for t in lay.params}
+            (self._ode_layers if in_ode else self._layers)[module] = _Layer(label, helper, wgroup,
+                                                                            bgroup)
+        self._layer_of = {t: lay for lay in (*self._layers.values(), *self._ode_layers.values())
+                          for t in lay.params}
         self._layer_params = set(self._layer_of)
         self._other_params = [p for p in group_of if p not in self._layer_params]
         self._group_of = group_of
@@ -392,12 +411,18 @@ class OCNOpt(Optimizer):
                                          global_hooks=True).__enter__()
             self._stats.active = any(self._factors_due(lay) for lay in self._layers.values())
             self._finalizer = weakref.finalize(self, self._stats.close)
+        self._ode.use({m: lay.helper for m, lay in self._ode_layers.items()})
+        self._ode.arm(self._ode_due())  # the classic loop's collector (see ocnopt.ode.driver)
+        if self._ode_layers and getattr(self, "_ode_finalizer", None) is None:
+            self._ode_finalizer = weakref.finalize(self, self._ode.disarm)
 
     def close(self) -> None:
-        """Remove the statistics hooks of the classic loop (kfac/ekfac); idempotent."""
+        """Remove the statistics hooks of the classic loop (kfac/ekfac) and disarm its ODE
+        factor collection; idempotent."""
         if self._stats is not None:
             self._stats.close()
             self._stats = None
+        self._ode.disarm()
 
     def _warn_once(self, key: str, msg: str, stacklevel: int = 3) -> None:
         if key not in self._warned:
@@ -439,6 +464,7 @@ class OCNOpt(Optimizer):
         super().zero_grad(set_to_none)
         if self._stats is not None:
             self._stats.reset()
+        self._ode.zero_grad()
 
     # ------------------------------------------------------------------ schedules
     def _factors_due(self, lay: _Layer) -> bool:
@@ -446,6 +472,12 @@ class OCNOpt(Optimizer):
         k = st.get("kron_step", 0)
         return k % self.factor_update_freq == 0 or refresh_due(
             k, self.update_freq, "in_vectors" in st, self.early_refresh)
+
+    def _ode_due(self) -> list[nn.Module]:
+        """The ODE layers whose time-integrated factors the next step collects."""
+        if self._kron is None:
+            return []
+        return [m for m, lay in self._ode_layers.items() if self._factors_due(lay)]
 
     # ------------------------------------------------------------------ step
     def step(  # type: ignore[override]
@@ -477,20 +509,25 @@ class OCNOpt(Optimizer):
                 found = scaler._found_inf_per_device(self)
             if sum(float(v) for v in found.values()):
                 self._skip("grad_scaler")
+                self._end_step()  # this batch's statistics must not reach the next step
                 return None
             inv_scale = 1.0 / float(scaler.get_scale())
         records = ({m: r for m, r in self._stats.records.items() if r.calls}
                    if self._stats is not None else {})
+        ode_factors = self._ode.take()
         txn = StepTransaction(atomic=self._atomic)
         try:
             with torch.no_grad():
                 if self._atomic and not all_finite(grads.values()):
                     raise _Skip("nonfinite_gradient")
                 self._update_curvature(records, txn, inv_scale)
+                self._update_ode_curvature(ode_factors, txn, inv_scale)
                 if not txn.all_finite():
                     raise _Skip("nonfinite_factor")
-                self._refresh(list(records), txn)
+                self._refresh([*records, *ode_factors], txn)
+                self._ode.observe(grads, inv_scale, txn)
                 self._open_loop(grads, self._other_params + list(self._layer_params), txn)
+                self._ode.update_t1()
                 if not txn.all_finite():
                     raise _Skip("nonfinite_update")
                 self._commit(txn)
@@ -509,6 +546,7 @@ class OCNOpt(Optimizer):
     def _closure_step(self, closure: Callable[[], Any], scaler: Any) -> Any:
         feedback = self.feedback and bool(self._layers)
         due = [m for m, lay in self._layers.items() if self._kron and self._factors_due(lay)]
+        ode_due = self._ode_due()
         watch = list(self._layers) if (feedback or due) else []
         rng = _RngReplay(self._devices) if feedback else None
         txn = StepTransaction(self._bn_buffers, self._atomic)
@@ -517,19 +555,25 @@ class OCNOpt(Optimizer):
             self._stats.active = False
         loss: Any = None
         try:
-            first = self._first_pass(closure, watch, feedback, scaler)
+            with self._ode.first_pass(ode_due, watch if feedback else []) as ode:
+                first = self._first_pass(closure, watch, feedback, scaler)
             loss = first.loss
+            inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None else 1.0
             with torch.no_grad():
                 self._check_first_pass(first)
                 self._update_curvature({m: first.records[m] for m in due if m in first.records},
                                        txn, 1.0)
+                self._update_ode_curvature(ode.factors, txn, inv_scale)
                 if not txn.all_finite():
                     raise _Skip("nonfinite_factor")
-                self._refresh(due, txn)
+                self._refresh([*due, *ode.factors], txn)
+                self._ode.observe(first.param_grads, inv_scale, txn)
                 if feedback:
+                    self._after_ode = ode.after
                     self._feedback_step(closure, first, rng, txn)
                 else:
                     self._open_loop(first.param_grads, list(self._group_of), txn)
+                self._ode.update_t1()
                 if not txn.all_finite():
                     raise _Skip("nonfinite_update")
                 if scaler is not None:
@@ -571,6 +615,9 @@ class OCNOpt(Optimizer):
         if self._stats is not None:
             self._stats.reset()
             self._stats.active = any(self._factors_due(lay) for lay in self._layers.values())
+        self._after_ode = set()
+        self._ode.end_step()
+        self._ode.arm(self._ode_due())
 
     def _grad_signature(self) -> list[Any]:
         """The current ``.grad`` objects (held, so their ids cannot be reused) and versions."""
@@ -654,10 +701,13 @@ class OCNOpt(Optimizer):
         for a data input, the cheapest parameter of the layer) requested only so that the
         backward reaches every layer and fires its gradient hooks.
         """
+        # dL/dt1 of learn_t1 blocks: read by the ODE driver, in no param group
+        t1 = self._ode.t1_targets()
         if not feedback:
-            ps = [p for p in self._group_of if p.requires_grad]
+            ps = [p for p in self._group_of if p.requires_grad] + t1
             return ps, ["param"] * len(ps)
-        targets: list[Tensor] = [p for p in self._other_params if p.requires_grad]
+        targets: list[Tensor] = [p for p in self._other_params if p.requires_grad] + t1
+        targets += [p for lay in self._ode_layers.values() for p in lay.params]
         roles = ["param"] * len(targets)
         seen: set[int] = set()
         for m, lay in self._layers.items():
@@ -717,8 +767,10 @@ class OCNOpt(Optimizer):
         txn: StepTransaction,
     ) -> None:
         records = first.records
-        open_params = list(self._other_params)
+        open_params = list(self._other_params) + [p for lay in self._ode_layers.values()
+                                                  for p in lay.params]
         single: list[nn.Module] = []
+        after_ode: list[nn.Module] = []  # open loop: the second pass stops before ODE blocks
         for m, lay in self._layers.items():
             rec = records.get(m)
             if rec is None or rec.calls != 1:
@@ -732,8 +784,12 @@ class OCNOpt(Optimizer):
                                     "(weights used functionally?); it gets the open-loop update")
                 open_params += lay.params
             elif rec.grads[0] is not None:
-                single.append(m)
+                (after_ode if m in self._after_ode else single).append(m)
         self._open_loop(first.param_grads, open_params, txn)
+        for m in after_ode:
+            rec = records[m]
+            dw, db = self._layers[m].helper.weight_grad(rec.inputs[0], rec.grads[0], None)  # type: ignore[arg-type]
+            self._apply_layer(self._layers[m], dw, db, txn)
         self._records = records
         self._feedback_left = len(single)
         self._step_game = first.game
@@ -878,7 +934,7 @@ class OCNOpt(Optimizer):
         """Open-loop updates of ``params`` from their loss gradients (layers as a whole; the
         other parameters per param group, in one foreach sweep unless ``foreach=False``)."""
         wanted = set(params)
-        for lay in self._layers.values():
+        for lay in (*self._layers.values(), *self._ode_layers.values()):
             w, b = lay.helper.weight, lay.helper.bias
             if w in wanted and w in grads:
                 self._apply_layer(lay, grads[w], grads.get(b) if b is not None else None, txn)
@@ -1009,11 +1065,24 @@ class OCNOpt(Optimizer):
             txn.stage(w, self._kron.factor_entries(txn.view(w, self.state), fa, fg, rows, batch,
                                                    rec.calls, lay.wgroup["factor_decay"]))
 
+    def _update_ode_curvature(self, factors: Mapping[nn.Module, ODEFactors],
+                              txn: StepTransaction, inv_scale: float) -> None:
+        """Stage new factors of ODE layers from their time-integrated statistics (collected in
+        the adjoint solves; ``inv_scale`` undoes an AMP loss scale in ``G``)."""
+        for m, fac in factors.items():
+            lay = self._ode_layers[m]
+            w = lay.helper.weight
+            fg = fac.G * (inv_scale * inv_scale) if inv_scale != 1.0 else fac.G
+            rows = round(fac.locations * fac.batch_size)  # factor_entries: rows / (B * calls)
+            txn.stage(w, self._kron.factor_entries(  # type: ignore[union-attr]
+                txn.view(w, self.state), fac.A, fg, rows, fac.batch_size, 1,
+                lay.wgroup["factor_decay"]))
+
     def _refresh(self, modules: list[nn.Module], txn: StepTransaction) -> None:
         """Refresh the eigenbases of the layers whose refresh is due (after new factors)."""
         assert self._kron is not None or not modules
         for m in modules:
-            lay = self._layers[m]
+            lay = self._layers[m] if m in self._layers else self._ode_layers[m]
             w = lay.helper.weight
             view = txn.view(w, self.state)
             if "A" not in view or not refresh_due(view.get("kron_step", 0), self.update_freq,
@@ -1030,14 +1099,16 @@ class OCNOpt(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         counters = self.diagnostics
-        sd["ocnopt"] = {"format": _FORMAT, "curvature": self.curvature, "counters": counters}
+        sd["ocnopt"] = {"format": _FORMAT, "curvature": self.curvature, "counters": counters,
+                        "ode": self._ode.state_dict()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of an OCNOpt with the same curvature and parameters.
 
         Everything is validated first (curvature, param-group keys and hyperparameter ranges,
-        state keys and tensor shapes); a ``ValueError`` leaves the optimizer unchanged.
+        state keys and tensor shapes, the integration-time controllers of ``learn_t1`` ODE
+        blocks); a ``ValueError`` leaves the optimizer unchanged.
         """
         self._validate_state_dict(state_dict)
         meta = state_dict.get("ocnopt")
@@ -1047,6 +1118,8 @@ class OCNOpt(Optimizer):
             c = dict(meta["counters"])
             c["skip_reasons"] = Counter(c.get("skip_reasons", {}))
             self._counters.update(c)
+            if "ode" in meta:
+                self._ode.load_state_dict(meta["ode"])
         self._build_layers()
 
     def _validate_state_dict(self, sd: Any) -> None:
@@ -1058,6 +1131,8 @@ class OCNOpt(Optimizer):
                 got = meta.get("curvature") if isinstance(meta, dict) else meta
                 raise ValueError(f"state dict of an OCNOpt with curvature={got!r} cannot be "
                                  f"loaded into curvature={self.curvature!r}")
+            if "ode" in meta or self._ode.controllers:
+                self._ode.check_state(meta.get("ode"))
         saved = sd["param_groups"]
         if not isinstance(saved, list) or len(saved) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -1118,7 +1193,7 @@ class OCNOpt(Optimizer):
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_stats", "_finalizer", "_txn", "_records"):
+        for key in ("_stats", "_finalizer", "_txn", "_records", "_ode_finalizer"):
             state.pop(key, None)
         return state
 

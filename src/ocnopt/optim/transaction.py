@@ -9,6 +9,9 @@ restores everything it touched:
   here and only written into ``optimizer.state`` by :meth:`commit`;
 * module buffers that a forward pass updates (BatchNorm running statistics) are snapshotted when
   the transaction opens and restored by :meth:`rollback`;
+* state kept outside ``optimizer.state`` (e.g. an ODE block's integration-time controller) is
+  restored by callbacks registered with :meth:`on_rollback`, its tensors checked via
+  :meth:`watch`;
 * every staged floating-point tensor and every written parameter is checked for NaN/Inf by
   :meth:`all_finite` (one fused reduction per device), so no non-finite value is ever committed.
 
@@ -20,7 +23,7 @@ quotes the measured time.
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -78,6 +81,7 @@ class StepTransaction:
         self.staged: dict[Any, dict[str, Any]] = {}
         self.grads: dict[Tensor, Tensor] = {}
         self._watch: list[Tensor] = []
+        self._restore: list[Callable[[], None]] = []
         self._checked = 0
 
     # ---------------------------------------------------------------- writes
@@ -96,6 +100,16 @@ class StepTransaction:
     def view(self, key: Any, state: Mapping[Any, Any]) -> ChainMap[str, Any]:
         """The state of ``key`` as it will be after commit (staged entries first)."""
         return ChainMap(self.staged.get(key, {}), state.get(key, {}))
+
+    def watch(self, tensors: Iterable[Tensor]) -> None:
+        """Check ``tensors`` (updated in place outside the staging) in :meth:`all_finite`."""
+        self._watch.extend(tensors)
+
+    def on_rollback(self, restore: Callable[[], None]) -> None:
+        """Call ``restore`` on rollback, after the parameters and buffers are restored (not
+        registered when not ``atomic``)."""
+        if self.atomic:
+            self._restore.append(restore)
 
     def set_grad(self, param: Tensor, grad: Tensor) -> None:
         """``param.grad = grad`` on commit (the direction the step used)."""
@@ -126,6 +140,8 @@ class StepTransaction:
             p.copy_(old)
         for b, old in self._buffers:
             b.copy_(old)
+        for restore in self._restore:
+            restore()
         self._release()
 
     def _release(self) -> None:
@@ -134,4 +150,5 @@ class StepTransaction:
         self.staged.clear()
         self.grads.clear()
         self._watch.clear()
+        self._restore.clear()
         self._checked = 0
