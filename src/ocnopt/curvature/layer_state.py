@@ -31,8 +31,11 @@ from ocnopt.curvature.kronecker import (
     refresh_eigenbasis,
 )
 
-__all__ = ["KroneckerCurvature", "KFAC", "EKFAC", "KRONECKER", "STATE_KEYS", "refresh_due"]
+__all__ = ["KroneckerCurvature", "KFAC", "EKFAC", "KRONECKER", "STATE_KEYS", "BASIS_KEYS",
+           "refresh_due"]
 
+#: The entries of a refresh that are eigenbases (what one rank computes and broadcasts).
+BASIS_KEYS = ("in_vectors", "in_values", "in_rest", "out_vectors", "out_values", "out_rest")
 STATE_KEYS = frozenset({
     "A", "G", "in_vectors", "in_values", "in_rest", "out_vectors", "out_values", "out_rest",
     "m2", "batch_size", "locations", "kron_step"})
@@ -83,8 +86,22 @@ class KroneckerCurvature:
     def refresh_entries(
         self, st: Mapping[str, Any], max_rank: int | None
     ) -> tuple[dict[str, Any], list[str]]:
-        """New eigenbases of ``st["A"]``, ``st["G"]``; also the names of the factors whose
-        decomposition failed (their last good basis, or the trivial one, is kept)."""
+        """New eigenbases of ``st["A"]``, ``st["G"]`` and what derives from them; also the names
+        of the factors whose decomposition failed (their last good basis, or the trivial one, is
+        kept)."""
+        new, failed = self.eigenbases(st, max_rank)
+        return self.from_bases(st, new), failed
+
+    def from_bases(self, st: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        """The refresh's state entries given its new bases ``BASIS_KEYS`` (KFAC: the bases)."""
+        return new
+
+    @staticmethod
+    def eigenbases(
+        st: Mapping[str, Any], max_rank: int | None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The ``BASIS_KEYS`` entries of fresh eigenbases of ``st["A"]``, ``st["G"]``, and the
+        factors whose decomposition failed."""
         new: dict[str, Any] = {}
         failed: list[str] = []
         for side, f in (("in", st["A"]), ("out", st["G"])):
@@ -123,13 +140,10 @@ class EKFAC(KroneckerCurvature):
 
     name: str = "ekfac"
 
-    def refresh_entries(
-        self, st: Mapping[str, Any], max_rank: int | None
-    ) -> tuple[dict[str, Any], list[str]]:
-        new, failed = super().refresh_entries(st, max_rank)
+    def from_bases(self, st: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        """The bases, and EKFAC's second moments restarted at the Kronecker eigenvalues."""
         out, inp = bases(new, 0, 0, st["A"])
-        new["m2"] = ekfac_init(out, inp, st["locations"])
-        return new, failed
+        return {**new, "m2": ekfac_init(out, inp, st["locations"])}
 
     @staticmethod
     def _moments(st: Mapping[str, Any], out: Eigenbasis, inp: Eigenbasis) -> Tensor:

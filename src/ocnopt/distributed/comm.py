@@ -108,6 +108,32 @@ class Communicator:
         self.bytes["flags"] += t.element_size()
         return bool(t.item() > 0)
 
+    def broadcast_bases(self, new: dict[str, Tensor] | None, src: int, like: Tensor,
+                        keys: Sequence[str]) -> dict[str, Tensor]:
+        """Rank ``src``'s eigenbases ``new`` (vectors ``(d, k)``, values ``(k,)``, a 0-d rest per
+        side, under ``keys``) on every rank; other ranks pass ``None``."""
+        if not self.active:
+            assert new is not None
+            return new
+        ranks = torch.zeros(len(keys) // 3, dtype=torch.int64)
+        dims = torch.zeros(len(keys) // 3, dtype=torch.int64)
+        if new is not None:
+            for i in range(len(keys) // 3):
+                dims[i], ranks[i] = new[keys[3 * i]].shape
+        header = torch.cat([dims, ranks]).to(like.device)
+        dist.broadcast(header, src=self._global_rank(src), group=self.group)
+        n = len(keys) // 3
+        if new is None:
+            new = {}
+            for i in range(n):
+                d, k = int(header[i]), int(header[n + i])
+                new[keys[3 * i]] = like.new_empty(d, k)
+                new[keys[3 * i + 1]] = like.new_empty(k)
+                new[keys[3 * i + 2]] = like.new_empty(())
+        self.broadcast_([new[k].contiguous() if not new[k].is_contiguous() else new[k]
+                         for k in keys], src, "bases")
+        return new
+
     def broadcast_(self, tensors: Sequence[Tensor], src: int, kind: str) -> None:
         """Overwrite ``tensors`` on every rank with rank ``src``'s (group rank)."""
         if not self.active or not tensors:

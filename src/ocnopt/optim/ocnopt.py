@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ocnopt.curvature.layer_state import KRONECKER, refresh_due
+from ocnopt.curvature.layer_state import BASIS_KEYS, KRONECKER, refresh_due
 from ocnopt.curvature.layer_state import STATE_KEYS as KRONECKER_STATE_KEYS
+from ocnopt.distributed import Communicator, assign_work, find_process_group
 from ocnopt.feedback import (
     INFORMATION,
     GameFeedback,
@@ -201,6 +202,16 @@ class OCNOpt(Optimizer):
     updates), ``update_freq`` (steps between eigenbasis refreshes) and ``early_refresh``
     (also refresh, with fresh factors, at steps 1, 2, 4, ... below ``update_freq``).
 
+    Multi-process: with a ``DistributedDataParallel`` model (or the bare module while
+    ``torch.distributed`` is initialised with several ranks, or an explicit ``process_group``)
+    each rank runs the step on its local batch and OCNOpt communicates itself
+    (:mod:`ocnopt.distributed`): gradients of open-loop parameters and each feedback layer's
+    direction are averaged, Kronecker factors are averaged before they enter their running
+    averages, each layer's eigendecomposition is computed by one rank and broadcast, and a
+    non-finite value on any rank skips the step on all; every replica applies the same update,
+    equal to one process on the concatenated batch. DDP's own gradient reduction is switched off
+    (``no_sync``) inside ``step(closure)``.
+
     ``params``: optional iterable of parameters or param-group dicts (all from ``model``);
     default: every parameter of ``model`` that requires grad.
 
@@ -232,6 +243,7 @@ class OCNOpt(Optimizer):
         batch_dim: int | Mapping[str, int] = 0,
         params: Iterable[Any] | None = None,
         ode: ODEOptions | Mapping[str, Any] | None = None,
+        process_group: Any = None,
         **hyperparameters: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -286,6 +298,8 @@ class OCNOpt(Optimizer):
         self._stats: ForwardCapture | None = None
         self._atomic = True  # measurement-only switch (see ocnopt.bench.speed)
         self._ode = ODEDriver(model, ODEOptions.of(ode), self._kron is not None)
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self._comm = Communicator(find_process_group(model, process_group))
         self._after_ode: set[nn.Module] = set()
         self._check_model()
         self._build_layers()
@@ -507,7 +521,7 @@ class OCNOpt(Optimizer):
             if not found:
                 scaler.unscale_(self)  # unscales p.grad in place, records its inf checks
                 found = scaler._found_inf_per_device(self)
-            if sum(float(v) for v in found.values()):
+            if not self._comm.all_true(not sum(float(v) for v in found.values())):
                 self._skip("grad_scaler")
                 self._end_step()  # this batch's statistics must not reach the next step
                 return None
@@ -518,17 +532,23 @@ class OCNOpt(Optimizer):
         txn = StepTransaction(atomic=self._atomic)
         try:
             with torch.no_grad():
-                if self._atomic and not all_finite(grads.values()):
+                if self._comm.active and self._ddp is None:  # DDP averaged them already
+                    for p in self._group_of:
+                        if p.requires_grad and p not in grads:
+                            grads[p] = torch.zeros_like(p)
+                    self._comm.mean_([grads[p] for p in self._group_of if p in grads],
+                                     "gradients")
+                if not self._comm.all_true(not self._atomic or all_finite(grads.values())):
                     raise _Skip("nonfinite_gradient")
                 self._update_curvature(records, txn, inv_scale)
                 self._update_ode_curvature(ode_factors, txn, inv_scale)
-                if not txn.all_finite():
+                if not self._comm.all_true(txn.all_finite()):
                     raise _Skip("nonfinite_factor")
                 self._refresh([*records, *ode_factors], txn)
                 self._ode.observe(grads, inv_scale, txn)
                 self._open_loop(grads, self._other_params + list(self._layer_params), txn)
                 self._ode.update_t1()
-                if not txn.all_finite():
+                if not self._comm.all_true(txn.all_finite()):
                     raise _Skip("nonfinite_update")
                 self._commit(txn)
         except _Skip as skip:
@@ -555,16 +575,18 @@ class OCNOpt(Optimizer):
             self._stats.active = False
         loss: Any = None
         try:
-            with self._ode.first_pass(ode_due, watch if feedback else []) as ode:
+            with self._ode.first_pass(ode_due, watch if feedback else []) as ode, \
+                    self._no_sync():
                 first = self._first_pass(closure, watch, feedback, scaler)
             loss = first.loss
             inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None else 1.0
             with torch.no_grad():
                 self._check_first_pass(first)
+                self._reduce_grads(first, feedback)
                 self._update_curvature({m: first.records[m] for m in due if m in first.records},
                                        txn, 1.0)
                 self._update_ode_curvature(ode.factors, txn, inv_scale)
-                if not txn.all_finite():
+                if not self._comm.all_true(txn.all_finite()):
                     raise _Skip("nonfinite_factor")
                 self._refresh([*due, *ode.factors], txn)
                 self._ode.observe(first.param_grads, inv_scale, txn)
@@ -574,7 +596,7 @@ class OCNOpt(Optimizer):
                 else:
                     self._open_loop(first.param_grads, list(self._group_of), txn)
                 self._ode.update_t1()
-                if not txn.all_finite():
+                if not self._comm.all_true(txn.all_finite()):
                     raise _Skip("nonfinite_update")
                 if scaler is not None:
                     self._record_scaler_inf(scaler, False)
@@ -599,12 +621,38 @@ class OCNOpt(Optimizer):
         if not self._atomic:
             return
         loss = first.loss
-        if not all_finite([loss if isinstance(loss, Tensor) else torch.tensor(float(loss))]):
-            raise _Skip("nonfinite_loss")
+        reason = None
         captured = [g for rec in first.records.values() for g in rec.grads + rec.input_grads
                     if g is not None] + (first.game.partials() if first.game is not None else [])
-        if not all_finite([*first.param_grads.values(), *captured]):
-            raise _Skip("nonfinite_gradient")
+        if not all_finite([loss if isinstance(loss, Tensor) else torch.tensor(float(loss))]):
+            reason = "nonfinite_loss"
+        elif not all_finite([*first.param_grads.values(), *captured]):
+            reason = "nonfinite_gradient"
+        if not self._comm.all_true(reason is None):  # every rank skips together
+            raise _Skip(reason or "nonfinite_on_another_rank")
+
+    @contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        """DDP's gradient reduction off: OCNOpt reduces what it needs itself."""
+        with self._ddp.no_sync() if self._ddp is not None else nullcontext():
+            yield
+
+    def _reduce_grads(self, first: _FirstPass, feedback: bool) -> None:
+        """Average the first pass's open-loop gradients (and dL/dt1) across ranks: every
+        non-feedback parameter, with zeros where a rank has none (as DDP does)."""
+        if not self._comm.active:
+            return
+        skip = {p for m, r in first.records.items() if feedback and m in self._layers
+                and r.calls == 1 for p in self._layers[m].params}
+        for leaf in self._ode.t1_targets():
+            if leaf not in first.param_grads and leaf.grad is not None:
+                first.param_grads[leaf] = leaf.grad
+        order = [p for p in (*self._group_of, *self._ode.t1_targets())
+                 if p.requires_grad and p not in skip]
+        for p in order:
+            if p not in first.param_grads:
+                first.param_grads[p] = torch.zeros_like(p)
+        self._comm.mean_([first.param_grads[p] for p in order], "gradients")
 
     def _end_step(self) -> None:
         self._game.release()
@@ -788,7 +836,7 @@ class OCNOpt(Optimizer):
         self._open_loop(first.param_grads, open_params, txn)
         for m in after_ode:
             rec = records[m]
-            dw, db = self._layers[m].helper.weight_grad(rec.inputs[0], rec.grads[0], None)  # type: ignore[arg-type]
+            dw, db = self._direction(self._layers[m], rec.inputs[0], rec.grads[0], None)  # type: ignore[arg-type]
             self._apply_layer(self._layers[m], dw, db, txn)
         self._records = records
         self._feedback_left = len(single)
@@ -797,7 +845,7 @@ class OCNOpt(Optimizer):
             assert rng is not None
             observe = first.game.observe(single) if first.game is not None else nullcontext()
             with FeedbackPass(self._bn_buffers, single, self._feedback_input), observe, \
-                    rng.replay():
+                    rng.replay(), self._no_sync():
                 closure()
         for m in single:
             rec = records[m]
@@ -805,8 +853,15 @@ class OCNOpt(Optimizer):
                 lay = self._layers[m]
                 self._warn_once(f"unvisited:{lay.name}", f"layer {lay.name!r} did not run in "
                                 "the feedback pass; it gets the open-loop update")
-                dw, db = lay.helper.weight_grad(rec.inputs[0], rec.grads[0], None)  # type: ignore[arg-type]
+                dw, db = self._direction(lay, rec.inputs[0], rec.grads[0], None)  # type: ignore[arg-type]
                 self._apply_layer(lay, dw, db, txn)
+
+    def _direction(self, lay: _Layer, x: Tensor, g: Tensor, w: Tensor | None
+                   ) -> tuple[Tensor, Tensor | None]:
+        """The layer's (re-weighted) weight gradient, averaged across ranks."""
+        dw, db = lay.helper.weight_grad(x, g, w)
+        self._comm.mean_([dw] if db is None else [dw, db], "directions")
+        return dw, db
 
     def _feedback_input(self, module: nn.Module, x_hat: Tensor) -> bool:
         """Update ``module`` (with its cooperative group, if it leads one) from its second-pass
@@ -837,7 +892,7 @@ class OCNOpt(Optimizer):
             self._decide_group(members, s, self._txn)
         else:
             w = None if s is None else self._sample_weights(lay, s, x)
-            dw, db = lay.helper.weight_grad(x, g, w)  # type: ignore[arg-type]
+            dw, db = self._direction(lay, x, g, w)  # type: ignore[arg-type]
             self._apply_layer(lay, dw, db, self._txn)
         for m in members:
             self._records[m].visited = True
@@ -874,7 +929,7 @@ class OCNOpt(Optimizer):
             weights = [None if s is None else self._sample_weights(lay, s, x) for lay in lays]
         for k, (m, lay, rec, w) in enumerate(zip(members, lays, recs, weights, strict=True)):
             before = [q.detach().clone() for q in lay.params] if k else []
-            dw, db = lay.helper.weight_grad(rec.inputs[0], rec.grads[0], w)  # type: ignore[arg-type]
+            dw, db = self._direction(lay, rec.inputs[0], rec.grads[0], w)  # type: ignore[arg-type]
             self._apply_layer(lay, dw, db, txn)
             if k:
                 change = [q.detach() - b for q, b in zip(lay.params, before, strict=True)]
@@ -1049,51 +1104,70 @@ class OCNOpt(Optimizer):
     # ------------------------------------------------------------------ curvature
     def _update_curvature(self, records: Mapping[nn.Module, LayerRecord], txn: StepTransaction,
                           inv_scale: float) -> None:
-        """Stage new Kronecker factors for the recorded layers whose statistics are due."""
+        """Stage new Kronecker factors for the recorded layers whose statistics are due (the
+        batch factors averaged across ranks first; ``B`` is the global batch)."""
         if self._kron is None:
             return
+        todo = []
         for m, rec in records.items():
             lay = self._layers[m]
             if rec.calls == 0 or any(g is None for g in rec.grads) or not self._factors_due(lay):
                 continue
-            w = lay.helper.weight
             batch = lay.helper.batch_size(rec.inputs[0])
             fa, rows = lay.helper.input_factor([x.detach() for x in rec.inputs])
             fg = lay.helper.output_factor(rec.grads, batch)  # type: ignore[arg-type]
             if inv_scale != 1.0:
                 fg = fg.mul_(inv_scale * inv_scale)
-            txn.stage(w, self._kron.factor_entries(txn.view(w, self.state), fa, fg, rows, batch,
-                                                   rec.calls, lay.wgroup["factor_decay"]))
+            todo.append((lay, fa, fg, rows, batch, rec.calls))
+        self._comm.mean_([f for t in todo for f in t[1:3]], "factors")
+        world = self._comm.world_size
+        for lay, fa, fg, rows, batch, calls in todo:
+            w = lay.helper.weight
+            txn.stage(w, self._kron.factor_entries(txn.view(w, self.state), fa, fg, rows * world,
+                                                   batch * world, calls,
+                                                   lay.wgroup["factor_decay"]))
 
     def _update_ode_curvature(self, factors: Mapping[nn.Module, ODEFactors],
                               txn: StepTransaction, inv_scale: float) -> None:
         """Stage new factors of ODE layers from their time-integrated statistics (collected in
         the adjoint solves; ``inv_scale`` undoes an AMP loss scale in ``G``)."""
+        todo = []
         for m, fac in factors.items():
-            lay = self._ode_layers[m]
+            fg = fac.G * (inv_scale * inv_scale) if inv_scale != 1.0 else fac.G.clone()
+            todo.append((self._ode_layers[m], fac.A.clone(), fg, fac))
+        self._comm.mean_([f for t in todo for f in t[1:3]], "factors")
+        world = self._comm.world_size
+        for lay, fa, fg, fac in todo:
             w = lay.helper.weight
-            fg = fac.G * (inv_scale * inv_scale) if inv_scale != 1.0 else fac.G
-            rows = round(fac.locations * fac.batch_size)  # factor_entries: rows / (B * calls)
+            batch = fac.batch_size * world
+            rows = round(fac.locations * batch)  # factor_entries: rows / (B * calls)
             txn.stage(w, self._kron.factor_entries(  # type: ignore[union-attr]
-                txn.view(w, self.state), fac.A, fg, rows, fac.batch_size, 1,
-                lay.wgroup["factor_decay"]))
+                txn.view(w, self.state), fa, fg, rows, batch, 1, lay.wgroup["factor_decay"]))
 
     def _refresh(self, modules: list[nn.Module], txn: StepTransaction) -> None:
-        """Refresh the eigenbases of the layers whose refresh is due (after new factors)."""
+        """Refresh the eigenbases of the layers whose refresh is due (after new factors). With
+        several ranks each layer's decomposition runs on one rank (balanced by cost) and is
+        broadcast."""
         assert self._kron is not None or not modules
+        due = []
         for m in modules:
             lay = self._layers[m] if m in self._layers else self._ode_layers[m]
-            w = lay.helper.weight
-            view = txn.view(w, self.state)
-            if "A" not in view or not refresh_due(view.get("kron_step", 0), self.update_freq,
-                                                  "in_vectors" in view, self.early_refresh):
-                continue
-            entries, failed = self._kron.refresh_entries(view, lay.wgroup["max_rank"])  # type: ignore[union-attr]
-            for side in failed:
-                self._counters["eigh_failures"] += 1
-                self._warn_once(f"eigh:{lay.name}", f"layer {lay.name!r}: eigendecomposition of "
-                                f"the {side} factor failed; keeping the last good basis")
-            txn.stage(w, entries)
+            view = txn.view(lay.helper.weight, self.state)
+            if "A" in view and refresh_due(view.get("kron_step", 0), self.update_freq,
+                                           "in_vectors" in view, self.early_refresh):
+                due.append((lay, view))
+        owners = assign_work([(i, float(v["A"].shape[0] ** 3 + v["G"].shape[0] ** 3))
+                              for i, (_, v) in enumerate(due)], self._comm.world_size)
+        for i, (lay, view) in enumerate(due):
+            new = None
+            if owners[i] == self._comm.rank:
+                new, failed = self._kron.eigenbases(view, lay.wgroup["max_rank"])  # type: ignore[union-attr]
+                for side in failed:
+                    self._counters["eigh_failures"] += 1
+                    self._warn_once(f"eigh:{lay.name}", f"layer {lay.name!r}: eigendecomposition "
+                                    f"of the {side} factor failed; keeping the last good basis")
+            new = self._comm.broadcast_bases(new, owners[i], view["A"], BASIS_KEYS)
+            txn.stage(lay.helper.weight, self._kron.from_bases(view, new))  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -1202,6 +1276,7 @@ class OCNOpt(Optimizer):
         self._stats = None
         self._txn = None
         self._records = {}
+        self._comm = Communicator(None)  # a copy does not communicate
         if "model" in state:
             self._build_layers()
 
