@@ -110,6 +110,12 @@ def _rank_runs(rank, world):
         opt = OCNOpt(ddp, **_kw("kfac", False))
         _train(ddp, opt, data, sl, classic=True)
         out["ddp-classic"] = [p.detach().clone() for p in ddp.module.parameters()]
+        # game feedback (nash) on a residual net, and a model with an ODE block
+        for key, make in (("nash", _residual), ("ode", _ode_model)):
+            model = make()
+            opt = OCNOpt(model, **_kw("ekfac", True))
+            _train(model, opt, _extra_data(key), sl)
+            out[key] = [p.detach().clone() for p in model.parameters()]
         # a NaN on rank 1 only, at step 2: every rank skips that step
         model = _model()
         opt = OCNOpt(model, **_kw("ekfac", True))
@@ -121,6 +127,35 @@ def _rank_runs(rank, world):
         _train(model, opt, data[:2], sl)
         out["ckpt"] = (model.state_dict(), opt.state_dict())
     return out
+
+
+def _residual():
+    from ocnopt.reference.game_nets import ResidualMLP
+
+    return ResidualMLP(seed=13)
+
+
+def _ode_model():
+    from ocnopt.ode import ODEBlock
+
+    torch.manual_seed(14)
+    field = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+
+    class Field(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = field
+
+        def forward(self, t, h):
+            return self.net(h)
+
+    return nn.Sequential(nn.Linear(6, 5), ODEBlock(Field(), method="euler",
+                                                    options={"step_size": 0.25}),
+                         nn.Tanh(), nn.Linear(5, 3)).to(D)
+
+
+def _extra_data(key):
+    return [(x[:, :4], y) for x, y in _data()] if key == "nash" else _data()
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +194,18 @@ def test_ddp_wrapped_model_in_both_loops(two_ranks):
         _close(r0, ref)
 
 
+@pytest.mark.parametrize("key,make", [("nash", _residual), ("ode", _ode_model)])
+def test_game_and_ode_models_on_two_ranks(two_ranks, key, make):
+    model = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = OCNOpt(model, **_kw("ekfac", True))
+        _train(model, opt, _extra_data(key))
+    r0, r1 = (r[key] for r in two_ranks)
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1, strict=True))
+    _close(r0, [p.detach() for p in model.parameters()])
+
+
 def test_nan_on_one_rank_is_skipped_by_all(two_ranks):
     (p0, reasons0), (p1, reasons1) = (r["nan"] for r in two_ranks)
     assert reasons0 == {"nonfinite_on_another_rank": 1}
@@ -178,3 +225,25 @@ def test_checkpoint_from_two_ranks_resumes_on_one(two_ranks):
         opt.load_state_dict(opt_sd)
         _train(model, opt, data[2:])
     _close([p.detach() for p in model.parameters()], _single("ekfac", True, data))
+
+
+def _dist_speed_rank(rank, world):
+    from ocnopt.bench.dist_speed import measure
+
+    return measure("mlp", "cpu", global_batch=8, steps=2, warmup=2, rounds=1)
+
+
+def test_distributed_speed_rows_count_exactly_what_is_sent():
+    from ocnopt.bench.models import build_model
+
+    rows = run_ranks(_dist_speed_rank, 2)[0]
+    n = sum(p.numel() for p in build_model("mlp", input_shape=(1, 28, 28),
+                                           num_classes=10).parameters())
+    by = {r["optimizer"]: r for r in rows}
+    assert by["adam"]["bytes_per_step"] is None and by["adam"]["world_size"] == 2
+    # open loop: one all-reduce of every gradient; feedback: one per layer of its direction
+    assert by["ocnopt-ekfac"]["bytes_per_step"]["gradients"] == 4 * n
+    assert by["ocnopt-ekfac"]["bytes_per_step"]["directions"] == 0
+    assert by["ocnopt-ekfac+fb"]["bytes_per_step"]["directions"] == 4 * n
+    assert by["ocnopt-ekfac+fb"]["bytes_per_step"]["gradients"] == 0
+    assert all(r["ms_per_step"] > 0 and r["local_batch"] == 4 for r in rows)

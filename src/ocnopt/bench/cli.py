@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune lr on the validation split over each optimizer's grid "
                         "(default: the suite's setting; off = middle of the grid)")
     b.add_argument("--threads", type=int, help="torch threads (default: per experiment)")
+    b.add_argument("--nproc", type=int, metavar="N",
+                   help="run the multi-process speed measurement on N ranks under torchrun "
+                        "(gloo on CPU, nccl on CUDA; ocnopt.bench.dist_speed) instead of a suite")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -114,9 +117,29 @@ def _print_outputs(text: str, paths: list[Path]) -> None:
         print(f"wrote {path}")
 
 
+def _run_nproc(args: argparse.Namespace) -> int:
+    """``ocnopt bench --nproc N``: the distributed speed measurement under torchrun."""
+    import socket
+    import subprocess
+
+    if args.nproc < 1:
+        raise BenchError(f"--nproc must be >= 1, got {args.nproc}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = args.out if args.out is not None else Path("results") / "dist-speed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+           "ocnopt.bench.dist_speed", "--out", str(out), "--device", args.device]
+    log.info("running %s", " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ocnopt.bench import report
 
+    if args.nproc is not None:
+        return _run_nproc(args)
     suite = get_suite(args.suite)
     datasets = _canon(_names(args.dataset), list(DATASETS), "dataset")
     models = _canon(_names(args.model), list(MODELS), "model")

@@ -300,6 +300,11 @@ class OCNOpt(Optimizer):
         self._ode = ODEDriver(model, ODEOptions.of(ode), self._kron is not None)
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._comm = Communicator(find_process_group(model, process_group))
+        if self._comm.active and information == "cooperative" and feedback:
+            warnings.warn("information='cooperative' on several ranks: each rank solves its "
+                          "groups' joint stage model over its own samples (the cross-rank "
+                          "sample pairs of the Gram matrices are left out); 'nash' and "
+                          "'markov' are exact", RuntimeWarning, stacklevel=2)
         self._after_ode: set[nn.Module] = set()
         self._check_model()
         self._build_layers()
