@@ -137,7 +137,7 @@ def test_count_parameters():
 
 def test_errors():
     with pytest.raises(ValueError, match="unknown model"):
-        build_model("resnet", input_shape=(3, 32, 32), num_classes=10)
+        build_model("vit", input_shape=(3, 32, 32), num_classes=10)
     with pytest.raises(ValueError, match="flatten=False"):
         build_model("cnn", input_shape=(64,), num_classes=10)
     with pytest.raises(ValueError, match="at least 4x4"):
@@ -148,7 +148,8 @@ def test_errors():
         build_model("fcn", input_shape=(4,), num_classes=2, activation="swishy")
     with pytest.raises(ValueError, match="num_classes"):
         build_model("fcn", input_shape=(4,), num_classes=0)
-    assert set(MODELS) == {"fcn", "cnn", "mlp", "small-cnn", "deep-sigmoid"}
+    assert set(MODELS) == {"fcn", "cnn", "mlp", "small-cnn", "deep-sigmoid", "resnet",
+                           "inception"}
 
 
 def test_models_train_on_loaded_digits():
