@@ -581,3 +581,28 @@ def test_kronecker_step_model_is_the_preconditioner_on_each_sample() -> None:
 def test_invalid_information_is_refused() -> None:
     with pytest.raises(ValueError, match="valid: markov, nash, cooperative"):
         OCNOpt(nn.Linear(2, 2), information="open-loop")
+
+
+@pytest.mark.parametrize("information", INFO)
+def test_no_tensor_of_a_step_outlives_it(information: str) -> None:
+    """The gradient hooks on the layers' inputs and outputs hold their records only weakly
+    (the records hold the graph's tensors): the live tensors do not grow from step to step."""
+    import gc
+
+    model = ResNetDropout()
+    x, y = batch((1, 6, 6), n=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = OCNOpt(model, lr=0.01, curvature="ekfac", information=information,
+                     factor_update_freq=1, update_freq=1)
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for t in gc.get_objects() if isinstance(t, Tensor))
+
+    for _ in range(2):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    before = live()
+    for _ in range(3):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    assert live() == before

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,12 +128,7 @@ class ForwardCapture:
         rec.grads.append(None)
         rec.input_grads.append(None)
         if self.input_grads and x.requires_grad:
-
-            def store_input(grad: Tensor) -> None:
-                rec.input_grads[idx] = grad.detach()
-                self.fired = True
-
-            x.register_hook(store_input)
+            x.register_hook(self._storing(rec, "input_grads", idx))
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not (self.active and torch.is_grad_enabled()) or not isinstance(output, Tensor):
@@ -140,13 +136,23 @@ class ForwardCapture:
         rec = self.records.get(module)
         if rec is None or not output.requires_grad or not rec.inputs:
             return
-        idx = rec.calls - 1
+        output.register_hook(self._storing(rec, "grads", rec.calls - 1))
+
+    def _storing(self, rec: LayerRecord, key: str, idx: int) -> Callable[[Tensor], None]:
+        """A tensor hook writing its gradient into ``rec.<key>[idx]``.  It holds the record and
+        this object only weakly: the autograd graph owns the hook, and the record owns the
+        graph's tensors (a strong reference would be a cycle through C++ that Python's garbage
+        collector cannot free, leaking every step's activations)."""
+        ref, owner = weakref.ref(rec), weakref.ref(self)
 
         def store(grad: Tensor) -> None:
-            rec.grads[idx] = grad.detach()
-            self.fired = True
+            target, cap = ref(), owner()
+            if target is not None:
+                getattr(target, key)[idx] = grad.detach()
+            if cap is not None:
+                cap.fired = True
 
-        output.register_hook(store)
+        return store
 
 
 class FeedbackPass:
