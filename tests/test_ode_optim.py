@@ -420,3 +420,19 @@ def test_grad_scaler_steps_equal_unscaled_steps(style):
     assert float(runs[0][-2]) != 0.9
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_field_registered_twice_is_not_weight_tying():
+    from ocnopt.bench.ode_models import CNF
+
+    torch.manual_seed(0)
+    model = CNF(2, hidden=4, layers=2, method="euler", options={"step_size": 0.5})
+    assert model.dynamics is model.ode.func  # the field is reachable under two names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "shared parameters" fallback
+        opt = OCNOpt(model, lr=0.01, curvature="ekfac")
+    x = torch.randn(8, 2)
+    opt.step(lambda: -model(x).mean())
+    linears = [m for m in model.dynamics.modules() if isinstance(m, nn.Linear)]
+    assert set(opt._ode_layers) == set(linears) and not opt._other_params
+    assert all("m2" in opt.state[m.weight] for m in linears)

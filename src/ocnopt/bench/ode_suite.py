@@ -10,8 +10,9 @@ Protocol (also written into ``report.md``)
   :func:`ocnopt.bench.data.load_dataset` (fixed splits, no downloads).
 * Methods (the benchmark registry's builders): ``adam``; ``sgd`` (momentum 0.9); ``snopt`` =
   OCNOpt ``ekfac`` with the feedback off (SNOpt: EKFAC from the time-integrated factors on the
-  ODE layers, EKFAC on the layers outside, SGD momentum 0.9); ``ocnopt`` = OCNOpt ``ekfac`` with
-  the feedback (``feedback_clip=1``) where a model has feedback layers before its ODE block
+  ODE layers, EKFAC on the layers outside, SGD momentum 0.9; parameters outside Linear/Conv2d
+  layers, the ODE-RNN's GRU cell, get Adam at SNOpt's ``lr2`` = 3e-3); ``ocnopt`` = the same
+  with the feedback (``feedback_clip=1``) where a model has feedback layers before its ODE block
   (ConvODENet's stem; elsewhere it is the same step as ``snopt``).
 * lr tuning: every method gets a grid of the same size (:data:`LR_GRIDS`); seed 0 trains
   ``tune_epochs`` per grid value; the best final validation metric (accuracy, or NLL for the
@@ -67,6 +68,10 @@ PROTOCOL = __doc__.split("-----------------------------------------\n", 1)[1].st
 
 #: Suite method -> benchmark registry name.
 METHODS = {"adam": "adam", "sgd": "sgd", "snopt": "ekfac", "ocnopt": "ocnopt-ekfac"}
+#: Fixed options per method: parameters outside Kronecker layers (the ODE-RNN's GRU cell) get
+#: Adam at SNOpt's ``lr2`` = 3e-3 instead of the tuned SGD-scale lr.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {"snopt": {"fallback_lr": 3e-3},
+                                             "ocnopt": {"fallback_lr": 3e-3}}
 #: The lr grid of every method (the same size for all).
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2),
@@ -453,7 +458,7 @@ def _spec(task: ODETask, method: str, lr: float, epochs: float,
     return RunSpec(task.name, task.kind, task.dataset, task.model, method,
                    optimizer or METHODS[method], float(lr), float(epochs), task.batch_size,
                    task.eval_every, dict(task.model_options), task.subset, task.eval_subset,
-                   dict(options or {}))
+                   {**METHOD_OPTIONS.get(method, {}), **(options or {})})
 
 
 def _t1_study(study: T1Study, store: _Store) -> dict[str, Any]:
@@ -492,7 +497,8 @@ def measure_cost(tasks: tuple[ODETask, ...], rounds: int, steps: int,
             model = _clone(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                opt = reg.build(model, picks[task.name][method], **reg.options)
+                opt = reg.build(model, picks[task.name][method],
+                                **{**reg.options, **METHOD_OPTIONS.get(method, {})})
             states[method] = (model, opt, reg, {"wall": [], "cpu": [], "nfe": []})
         n = len(y_tr) - task.batch_size
         for r in range(rounds + 1):

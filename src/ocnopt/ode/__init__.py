@@ -3,54 +3,53 @@ during the adjoint solve (O(1) memory), and the integration time ``t1`` as a con
 
 Needs the optional dependency torchdiffeq (``pip install 'ocnopt[ode]'``).
 
+With :class:`~ocnopt.OCNOpt` (one optimizer for the whole model)::
+
+    model = nn.Sequential(stem, ODEBlock(ConvField(), learn_t1=True), head)
+    opt = OCNOpt(model, lr=0.01, curvature="ekfac", momentum=0.9,
+                 ode={"t1_lr": 0.1, "t1_reg": 1e-3, "t1_update_freq": 50})
+    for x, y in loader:
+        opt.step(lambda: F.cross_entropy(model(x), y))      # or backward(); opt.step()
+
+* The ``nn.Linear`` / ``nn.Conv2d`` layers inside the blocks' vector fields get open-loop
+  updates: ``kfac``/``ekfac`` precondition them with the time-integrated factors collected in
+  the adjoint solve on the steps where their statistics are due (the same per-layer schedule as
+  every other layer); ``identity``/``rmsprop``/``adam`` apply their torch rule (bitwise the torch
+  optimizer with the feedback off). They are never captured per forward (they run at every
+  solver stage) and get no feedback.
+* Layers outside the blocks keep OCNOpt's path, feedback included. Layers that run after an ODE
+  block get open-loop updates by default, so the feedback pass stops before the first block;
+  ``ode={"feedback_after_ode": True}`` gives them the feedback at the price of re-integrating
+  the block in the second pass (measured by ``examples/ode_feedback_trade.py``).
+* ``learn_t1`` blocks: ``dL/dt1`` and the field's gradients come from the first pass, the
+  realised parameter change after the update; the ``t1`` update is part of the all-or-nothing
+  step (a skipped step moves neither ``t1`` nor the controller's statistics) and its state part
+  of ``state_dict()``.
+* In the classic ``backward(); opt.step()`` loop the factor collection is armed between steps
+  (see :mod:`ocnopt.ode.driver` for its lifetime); no module hooks exist between steps.
+
+With any ``torch.optim`` optimizer: :class:`SNOptPreconditioner` (``with precond.collect():
+loss.backward()``, ``precond.step()``, ``optimizer.step()``) and one
+:class:`IntegrationTimeController` per ``learn_t1`` block (``observe()`` after ``backward()``,
+``step()`` after ``optimizer.step()``).
+
 Pieces:
 
 * :class:`ODEBlock` (``x -> x(t1)`` through the stock ``torchdiffeq.odeint_adjoint``), time-
   dependent layers :class:`ConcatConv2d`, :class:`ConcatLinear`, :class:`ConcatSquashLinear`.
 * :class:`ODEFactorCollector`: per-layer :class:`ODEFactors` (``A``, ``G``, batch size,
-  locations, integrated time, sample count) of the ``nn.Linear`` / ``nn.Conv2d`` layers inside
-  the blocks' vector fields, sampled on the adjoint solves run while it is active.
+  locations, integrated time, sample count) of the layers inside the blocks' vector fields,
+  sampled on the adjoint solves run while it is active (statistics of all adjoint solves of a
+  step pool, e.g. one per observation interval of an ODE-RNN).
 * :class:`IntegrationTimeController`: SNOpt's second-order feedback policy for ``t1`` (and the
   first-order baseline).
-* :class:`SNOptPreconditioner`: the same factors as a kfac-style preconditioner for the classic
-  ``backward(); precond.step(); optimizer.step()`` loop.
-
-How an optimizer that owns the step (``OCNOpt``) uses them:
-
-1. **Find the layers.** ``layers, skipped = ode_layers(model)`` (``{module: ODELayer}``) lists
-   every supported layer inside an ODE function. These run at every solver stage, also under
-   ``enable_grad`` inside the adjoint backward, so they must be kept out of per-forward capture
-   (a forward hook would record every stage: memory growing with the solver steps) and out of
-   the layer-wise feedback pass; they get open-loop Kronecker preconditioning (``kfac``/
-   ``ekfac``) or their diagonal rule. Their weight gradients are ordinary autograd gradients
-   (request them as ``param`` targets). ``find_ode_blocks(model)`` gives the blocks by name.
-2. **Arm collection when factors are due**, around the pass that runs the backward::
-
-       with ODEFactorCollector(model, layers) as col:     # only on factor-update steps
-           loss = closure(); grads = torch.autograd.grad(loss, targets)
-       for module, fac in col.factors().items():          # layers that ran this step
-           st = state[module.weight]
-           st["A"] = EMA(st["A"], fac.A); st["G"] = EMA(st["G"], fac.G)   # or replace
-           st["locations"], st["batch_size"] = fac.locations, fac.batch_size
-           refresh the eigenbasis when due (``refresh_eigenbasis``, ``ekfac_init``)
-
-   ``fac.A`` / ``fac.G`` already have the core's conventions (ones column for the bias, per-
-   sample ``B``-scaled cotangents), plus the integrated time (see ``ocnopt.ode.collector``).
-   Statistics of all adjoint solves inside the block are pooled (e.g. one per observation
-   interval of an ODE-RNN); nothing outlives the ``with``.
-3. **Drive ``t1``** for each block built with ``learn_t1=True``: keep one
-   ``IntegrationTimeController`` per block (its ``state_dict`` inside the optimizer's). In the
-   closure step add ``block.t1_leaf`` (read after ``closure()`` ran) to the autograd targets;
-   before updating parameters call ``ctrl.observe(t1_grad=dL/dt1, param_grads=[raw gradients
-   of block.func's parameters])``; after all parameter updates call ``ctrl.step()`` (it
-   measures the realised ``dtheta`` and writes ``block.t1`` on update steps). In the classic
-   loop, ``ctrl.observe()`` without arguments reads ``block.t1_grad`` and ``p.grad``.
-4. **Feedback after an ODE block**: the second (``no_grad``) pass re-integrates the block
-   (``block.nfe_forward`` more evaluations); no collection or ``t1`` statistic is recorded then.
+* :class:`SNOptPreconditioner`: the factors as an EKFAC preconditioner for the classic loop.
+* :class:`ODEOptions` and :mod:`ocnopt.ode.driver`: what OCNOpt does with the blocks.
 """
 
 from ocnopt.ode.block import ODEBlock, State, find_ode_blocks
 from ocnopt.ode.collector import ODEFactorCollector, ODEFactors, ODELayer, ode_layers
+from ocnopt.ode.driver import ODEOptions
 from ocnopt.ode.layers import ConcatConv2d, ConcatLinear, ConcatSquashLinear
 from ocnopt.ode.precond import SNOptPreconditioner
 from ocnopt.ode.t1 import T1_MODES, IntegrationTimeController
@@ -64,6 +63,7 @@ __all__ = [
     "ODEFactorCollector",
     "ODEFactors",
     "ODELayer",
+    "ODEOptions",
     "SNOptPreconditioner",
     "State",
     "T1_MODES",

@@ -368,7 +368,8 @@ class OCNOpt(Optimizer):
         unknown = [p for p in group_of if p not in names]
         if unknown:
             raise ValueError(f"{len(unknown)} optimized parameter(s) do not belong to the model")
-        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        # parameters of two distinct modules (weight tying), not a module registered twice
+        uses = Counter(id(p) for m in self.model.modules() for p in m.parameters(recurse=False))
         functional_owners = {id(m) for mha in self.model.modules()
                              if isinstance(mha, nn.MultiheadAttention) for m in mha.children()}
         self._layers: dict[nn.Module, _Layer] = {}
